@@ -1,0 +1,272 @@
+"""The Python API: `run`, `Pipeline`, `history`. The CLI calls exactly these.
+
+Owns: wiring a run together (graph, lock, ledger, plan, executor, listeners,
+Runner) and releasing everything afterwards, background runs, and the
+read-only views (status, history). Must not print: results are returned,
+progress goes to listeners.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from .errors import StateError
+from .events import Listener, RunResult
+from .graph import STATE_DIR, Graph, build_graph, resolve_parameters
+from .notebook import Step
+
+if TYPE_CHECKING:
+    import pandas
+
+    from .execute import Runner
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What `nbflow status` says about one notebook."""
+
+    name: str
+    state: str  # "fresh", "stale" or "not_a_step"
+    reasons: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    upstream: tuple[str, ...] = ()
+    path: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "reasons": list(self.reasons), "inputs": list(self.inputs),
+                "outputs": list(self.outputs), "upstream": list(self.upstream)}
+
+
+class Pipeline:
+    """A pipeline folder, read statically: `.steps`, `.graph`, `.status()`, `.plot()`."""
+
+    def __init__(self, path: str | os.PathLike = "."):
+        self._graph: Graph = build_graph(path)
+        self.root: Path = self._graph.root
+        self.last_result: RunResult | None = None
+
+    @property
+    def steps(self) -> dict[str, Step]:
+        return self._graph.steps
+
+    @property
+    def graph(self) -> dict[str, list[str]]:
+        """Each step and the steps it depends on."""
+        return {name: list(self._graph.upstream[name]) for name in self._graph.order}
+
+    @property
+    def validated_graph(self) -> Graph:
+        return self._graph
+
+    def status(self, parameters: Mapping[str, Any] | None = None) -> list[StepState]:
+        """Per step: fresh or stale, and why; notebooks that are not steps are listed too."""
+        from .plan import kernel_of  # noqa: PLC0415
+        from .state import Ledger, assess  # noqa: PLC0415
+
+        g = self._graph
+        params = resolve_parameters(g, parameters)
+        ledger = Ledger(g.state_dir, create=False)
+        try:
+            stale: set[str] = set()
+            states = []
+            for name in g.order:
+                ups = tuple(u for u in g.upstream[name] if u in stale)
+                f = assess(g, name, params[name], ledger, ups, kernel_of(g, name))
+                if not f.fresh:
+                    stale.add(name)
+                states.append(StepState(name, "fresh" if f.fresh else "stale", f.reasons,
+                                        tuple(r.label for r in g.inputs_of(name)),
+                                        tuple(r.label for r in g.outputs_of(name)), g.upstream[name],
+                                        g.steps[name].rel_path))
+        finally:
+            ledger.close()
+        states += [StepState(n.name, "not_a_step", (n.reason,), path=n.rel_path) for n in g.not_steps]
+        return states
+
+    def plot(self, path: str | os.PathLike | None = None, result: RunResult | None = None) -> str:
+        """Write the DAG to `path` (.svg, .png, .html, .mmd); returns the SVG (or mermaid) text."""
+        from .ui import plot  # noqa: PLC0415
+
+        return plot.write(self._graph, path, result or self.last_result)
+
+    def run(self, *steps: str, **kwargs: Any) -> "RunResult | RunHandle":
+        result = run(self.root, steps, **kwargs)
+        if isinstance(result, RunResult):
+            self.last_result = result
+        return result
+
+    def _repr_html_(self) -> str:
+        from .ui import plot  # noqa: PLC0415
+
+        return plot.html(self._graph, self.last_result)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({str(self.root)!r}, steps={list(self._graph.order)})"
+
+
+class RunHandle:
+    """A run going on in a background thread: `.wait()`, `.cancel()`, `.result`, `.done`."""
+
+    def __init__(self, runner: "Runner", thread_target):
+        self.runner = runner
+        self.result: RunResult | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(thread_target,), name="nbflow-run", daemon=True)
+        self._thread.start()
+
+    def _main(self, target) -> None:
+        try:
+            self.result = target()
+        except BaseException as e:  # noqa: BLE001 - handed to wait()
+            self.error = e
+
+    @property
+    def run_id(self) -> str:
+        return self.runner.run_id
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> RunResult | None:
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+    def __repr__(self) -> str:
+        state = self.result.status.value if self.result else "running"
+        return f"<nbflow run {self.run_id}: {state}>"
+
+
+def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
+        parameters: Mapping[str, Any] | None = None, force: bool = False, jobs: int | None = None,
+        executor: str | None = None, dask_address: str | None = None, fail_fast: bool = False,
+        background: bool = False, listeners: Iterable[Listener] = (), display: bool | None = None,
+        run_id: str | None = None) -> "RunResult | RunHandle":
+    """Run the pipeline (or `steps` and what they need); returns the RunResult.
+
+    Invalid pipelines raise PipelineError before any kernel starts. In
+    Jupyter a live widget shows the run (display=False turns it off). With
+    background=True it returns a RunHandle at once.
+    """
+    from .execute import Runner, new_run_id  # noqa: PLC0415
+    from .plan import make_plan  # noqa: PLC0415
+    from .state import Ledger, LedgerRecorder, RunLock  # noqa: PLC0415
+
+    if isinstance(steps, str):
+        steps = [steps]
+    graph = build_graph(pipeline)
+    run_id = run_id or new_run_id()
+    lock = RunLock(graph.state_dir)
+    lock.acquire(run_id)
+    ledger = None
+    try:
+        ledger = Ledger(graph.state_dir)
+        ledger.mark_interrupted()
+        plan = make_plan(graph, ledger, steps, parameters, force=force)
+        jobs = jobs or graph.config.jobs or os.cpu_count() or 1
+        all_listeners = list(listeners)
+        if display is None:
+            display = _in_jupyter()
+        if display:
+            from .ui.widget import RunWidget  # noqa: PLC0415
+
+            widget = RunWidget(graph, plan)
+            widget.show()
+            all_listeners.insert(0, widget)
+        if graph.config.on_failure or graph.config.on_success:
+            from .ui.alerts import AlertHooks  # noqa: PLC0415
+
+            all_listeners.append(AlertHooks(graph.root, graph.config.on_success, graph.config.on_failure))
+        exe = None
+        if plan.to_run:
+            from .executors import make_executor  # noqa: PLC0415
+
+            exe = make_executor(executor or graph.config.executor, jobs=jobs, dask_address=dask_address)
+        runner = Runner(plan, ledger, exe or _NoExecutor(), listeners=all_listeners,
+                        recorder=LedgerRecorder(ledger, graph.config.secrets), jobs=jobs, fail_fast=fail_fast,
+                        run_id=run_id)
+        if display:
+            widget.attach(runner)
+    except BaseException:
+        if ledger is not None:
+            ledger.close()
+        lock.release()
+        raise
+
+    def execute() -> RunResult:
+        try:
+            return runner.run()
+        finally:
+            try:
+                if exe is not None:
+                    exe.close()
+            finally:
+                ledger.close()
+                lock.release()
+
+    if background:
+        return RunHandle(runner, execute)
+    return execute()
+
+
+class _NoExecutor:
+    """Used when every step is fresh: no kernel machinery is imported or started."""
+
+    def submit(self, task, emit):
+        raise RuntimeError("no executor: every step was fresh when the run was planned")
+
+    def prestart(self, task) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def history(pipeline: str | os.PathLike = ".", limit: int | None = None) -> "pandas.DataFrame":
+    """Past runs, newest first, as a pandas DataFrame."""
+    import pandas as pd  # noqa: PLC0415
+
+    rows = runs(pipeline, limit)
+    frame = pd.DataFrame(rows, columns=["run_id", "started_at", "finished_at", "status", "duration_s", "steps",
+                                        "parameters", "pid", "host"])
+    for col in ("started_at", "finished_at"):
+        frame[col] = pd.to_datetime(frame[col], unit="s", utc=True)
+    return frame
+
+
+def runs(pipeline: str | os.PathLike = ".", limit: int | None = None) -> list[dict[str, Any]]:
+    from .state import Ledger  # noqa: PLC0415
+
+    state_dir = Path(pipeline).absolute() / STATE_DIR
+    try:
+        ledger = Ledger(state_dir, create=False)
+    except StateError:
+        raise
+    try:
+        return ledger.runs(limit)
+    finally:
+        ledger.close()
+
+
+def _in_jupyter() -> bool:
+    import sys  # noqa: PLC0415
+
+    if "IPython" not in sys.modules:
+        return False
+    from IPython import get_ipython  # noqa: PLC0415
+
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None

@@ -1,0 +1,82 @@
+"""The one exception hierarchy of nbflow.
+
+Owns: every error a user can see, each knowing its exit code and carrying
+data (file, line, step) instead of only a formatted string. Must not import
+anything heavy: the CLI imports this on every start.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable
+
+
+class NbflowError(Exception):
+    """Base class of every error nbflow raises on purpose."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a pipeline, found before any kernel starts."""
+
+    message: str
+    file: str | None = None
+    line: int | None = None
+    step: str | None = None
+
+    def __str__(self) -> str:
+        where = self.file or ""
+        if where and self.line:
+            where = f"{where}:{self.line}"
+        return f"{where}: {self.message}" if where else self.message
+
+
+class PipelineError(NbflowError):
+    """The pipeline or the command is invalid (exit code 2). Holds every problem found."""
+
+    exit_code = 2
+
+    def __init__(self, problems: Iterable[Problem] | Problem | str):
+        if isinstance(problems, str):
+            problems = [Problem(problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: list[Problem] = list(problems)
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        if len(self.problems) == 1:
+            return str(self.problems[0])
+        lines = [f"{len(self.problems)} problems:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+    def __reduce__(self):  # survive pickling (dask workers, background threads)
+        return (type(self), (self.problems,))
+
+
+class StepFailed(NbflowError):
+    """A step failed or the run was cancelled (exit code 1)."""
+
+    exit_code = 1
+
+
+class PipelineLocked(NbflowError):
+    """Another nbflow run of the same pipeline is in progress (exit code 1)."""
+
+    exit_code = 1
+
+
+class StateError(NbflowError):
+    """The `_nbflow/` folder cannot be written (read-only, disk full)."""
+
+    exit_code = 1
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ' (did you mean 'x'?)' when a close match exists, else ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,216 @@
+"""What happened during a run: past-tense, frozen, plain data.
+
+Owns: the event types the Runner emits, the status enums, and the result of
+a run. Imports nothing from nbflow: every other module may import it.
+Listeners (widget, terminal, ledger, alerts) receive these and nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+
+class StepStatus(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    NOT_RUN = "not_run"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class RunStatus(str, enum.Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # nbflow itself died; noticed by the next run
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class StepError:
+    """Why a step failed, with where: survives pickling, goes into JSON and the ledger."""
+
+    kind: str  # "exception", "timeout", "kernel_died", "missing_output", "kernel_start", "cancelled"
+    ename: str
+    evalue: str
+    cell: int | None = None  # 1-based cell number in the source notebook
+    source_line: str | None = None  # the failing line of that cell, when known
+    traceback: str = ""
+
+    def summary(self) -> str:
+        where = f" (cell {self.cell})" if self.cell else ""
+        return f"{self.ename}: {self.evalue}{where}" if self.evalue else f"{self.ename}{where}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ename": self.ename, "evalue": self.evalue, "cell": self.cell,
+                "source_line": self.source_line, "message": self.summary()}
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    label: str  # as declared by the step
+    path: str  # relative to the pipeline folder
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    name: str
+    action: str  # "run" or "skip"
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Event:
+    pass
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    run_id: str
+    root: str
+    started_at: float
+    plan: tuple[PlannedStep, ...]
+    parameters: dict[str, Any] = field(default_factory=dict)  # redacted overrides as given
+
+
+@dataclass(frozen=True)
+class StepSkipped(Event):
+    step: str
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StepStarted(Event):
+    step: str
+    attempt: int
+    notebook: str  # executed copy, relative to the pipeline folder
+    total_cells: int
+    started_at: float
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CellStarted(Event):
+    step: str
+    cell: int  # 1-based cell number in the notebook
+    index: int  # 1-based among the code cells that run
+    total: int
+
+
+@dataclass(frozen=True)
+class CellFinished(Event):
+    step: str
+    cell: int
+    index: int
+    total: int
+    duration_s: float
+    ok: bool
+
+
+@dataclass(frozen=True)
+class StepSucceeded(Event):
+    step: str
+    attempt: int
+    duration_s: float
+    notebook: str
+    fingerprint: str
+    fingerprint_parts: dict[str, Any]
+    parameters: dict[str, Any]
+    inputs: tuple[FileRecord, ...]
+    outputs: tuple[FileRecord, ...]
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepFailed(Event):
+    step: str
+    attempt: int
+    duration_s: float
+    notebook: str | None
+    error: StepError
+    will_retry: bool = False
+    retry_in_s: float = 0.0
+    parameters: dict[str, Any] = field(default_factory=dict)
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepCancelled(Event):
+    step: str
+    attempt: int
+    duration_s: float
+    notebook: str | None
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepNotRun(Event):
+    step: str
+    because: str  # the upstream step that failed or was cancelled
+
+
+@dataclass(frozen=True)
+class StepResult:
+    name: str
+    status: StepStatus
+    attempts: int = 0
+    duration_s: float | None = None
+    notebook: str | None = None
+    error: StepError | None = None
+    reasons: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status.value, "attempts": self.attempts,
+                "duration_s": None if self.duration_s is None else round(self.duration_s, 3),
+                "notebook": self.notebook,
+                "error": self.error.to_json() if self.error else None}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    root: str
+    status: RunStatus
+    steps: dict[str, StepResult]
+    started_at: float
+    finished_at: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == RunStatus.SUCCEEDED
+
+    @property
+    def duration_s(self) -> float:
+        return self.finished_at - self.started_at
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "status": self.status.value,
+                "steps": [s.to_json() for s in self.steps.values()]}
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.steps.values():
+            counts[s.status.value] = counts.get(s.status.value, 0) + 1
+        return counts
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    result: RunResult
+
+
+Listener = Callable[[Event], None]
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations", "asdict")]

@@ -1,0 +1,312 @@
+"""The Runner: runs a plan on an executor and emits events. It never prints.
+
+Owns: the order of execution (graphlib's prepare / get_ready / done), at most
+`jobs` steps at a time, kernel prestart hints, retries with exponential
+backoff, fail-fast, not_run for dependents of a failure, the runtime freshness
+re-check (a step whose upstream reran with identical outputs is skipped),
+cancellation, and the RunResult. Everything that shows or stores what happens
+is a listener.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import heapq
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import StateError
+from .events import (Event, Listener, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled, StepFailed,
+                     StepNotRun, StepResult, StepSkipped, StepStarted, StepStatus, StepSucceeded)
+from .executors import Executor, StepOutcome, StepTask
+from .graph import STATE_DIR
+from .plan import Plan, kernel_of
+from .state import Ledger, assess, fingerprint
+from .state import redact as _redact
+
+log = logging.getLogger("nbflow")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+class Runner:
+    """Runs a Plan. `listeners` see every event in order, on the Runner's thread."""
+
+    def __init__(self, plan: Plan, ledger: Ledger, executor: Executor, *, listeners: Iterable[Listener] = (),
+                 recorder: Listener | None = None, jobs: int = 1, fail_fast: bool = False,
+                 run_id: str | None = None):
+        self.plan = plan
+        self.graph = plan.graph
+        self.ledger = ledger
+        self.executor = executor
+        self.listeners = list(listeners)
+        self.recorder = recorder
+        self.jobs = max(1, jobs)
+        self.fail_fast = fail_fast
+        self.run_id = run_id or new_run_id()
+        self._inbox: queue.Queue = queue.Queue()
+        self._cancelled = threading.Event()
+        self.results: dict[str, StepResult] = {}
+
+    # -- called from any thread ------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the run: running kernels are stopped, notebooks saved, the run is `cancelled`."""
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            self.executor.cancel()
+            self._inbox.put(("cancel", None))
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # -- the run ---------------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        if self.recorder is not None:
+            self.recorder(event)  # the ledger: its failure (disk full) stops the run
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a display bug must not stop a pipeline
+                log.exception("listener %r failed on %s", listener, type(event).__name__)
+
+    def run(self) -> RunResult:
+        started = time.time()
+        planned = {p.name: p for p in self.plan.steps}
+        self.results = {name: StepResult(name, StepStatus.PENDING, reasons=p.reasons) for name, p in planned.items()}
+        self.emit(RunStarted(self.run_id, str(self.graph.root), started, self.plan.steps,
+                             _redact(dict(self.plan.overrides), set(self.graph.config.secrets))))
+        state_error: StateError | None = None
+        try:
+            self._loop(planned)
+        except StateError as e:
+            state_error = e
+            self.cancel()
+            self._drain_after_error()
+        except KeyboardInterrupt:
+            self.cancel()
+            self._drain_after_error()
+        status = RunStatus.SUCCEEDED
+        if self.cancelled:
+            status = RunStatus.CANCELLED
+        elif any(r.status in (StepStatus.FAILED, StepStatus.NOT_RUN, StepStatus.CANCELLED)
+                 for r in self.results.values()):
+            status = RunStatus.FAILED
+        result = RunResult(self.run_id, str(self.graph.root), status, dict(self.results), started, time.time())
+        try:
+            self.emit(RunFinished(result))
+        except StateError as e:
+            state_error = state_error or e
+        if state_error is not None:
+            raise state_error
+        return result
+
+    def _loop(self, planned: dict[str, Any]) -> None:
+        sorter = graphlib.TopologicalSorter({n: [u for u in self.graph.upstream[n] if u in planned] for n in planned})
+        sorter.prepare()
+        ready: list[str] = []
+        running: dict[str, StepTask] = {}
+        retry_at: list[tuple[float, str, StepTask]] = []
+        failed_any = False
+        self._parts: dict[str, dict] = {}
+
+        def settle(name: str, result: StepResult) -> None:
+            self.results[name] = result
+            sorter.done(name)
+
+        while sorter.is_active() or running or retry_at:
+            ready += sorted(sorter.get_ready())
+            # steps that can be decided without running
+            still: list[str] = []
+            for name in ready:
+                bad = [u for u in self.graph.upstream[name]
+                       if u in self.results and self.results[u].status in
+                       (StepStatus.FAILED, StepStatus.NOT_RUN, StepStatus.CANCELLED)]
+                if self.cancelled:
+                    self.emit(StepCancelled(name, 0, 0.0, None))
+                    settle(name, replace(self.results[name], status=StepStatus.CANCELLED))
+                elif bad:
+                    self.emit(StepNotRun(name, bad[0]))
+                    settle(name, replace(self.results[name], status=StepStatus.NOT_RUN))
+                elif self.fail_fast and failed_any:
+                    self.emit(StepNotRun(name, "--fail-fast"))
+                    settle(name, replace(self.results[name], status=StepStatus.NOT_RUN))
+                elif planned[name].action == "skip":
+                    self.emit(StepSkipped(name, planned[name].reasons))
+                    settle(name, replace(self.results[name], status=StepStatus.SKIPPED))
+                else:
+                    still.append(name)
+            ready = []
+            for name in still:
+                reran = tuple(u for u in self.graph.upstream[name]
+                              if u in self.results and self.results[u].status == StepStatus.SUCCEEDED)
+                fresh = assess(self.graph, name, self.plan.parameters[name], self.ledger, (),
+                               kernel_of(self.graph, name))
+                if not self.plan.force and fresh.fresh:
+                    reasons = (f"upstream {', '.join(reran)} reran, inputs unchanged",) if reran else ("fresh",)
+                    self.emit(StepSkipped(name, reasons))
+                    settle(name, replace(self.results[name], status=StepStatus.SKIPPED, reasons=reasons))
+                    continue
+                self._parts[name] = fresh.parts
+                ready.append(name)
+            if self.cancelled and (ready or retry_at):
+                for name in ready + [n for _, n, _ in retry_at]:
+                    self.emit(StepCancelled(name, 0, 0.0, None))
+                    settle(name, replace(self.results[name], status=StepStatus.CANCELLED))
+                ready, retry_at = [], []
+                continue
+            while ready and len(running) < self.jobs:
+                name = ready.pop(0)
+                task = self._task(name, attempt=1)
+                running[name] = task
+                self._submit(task)
+            self._prestart(sorter, running, ready)
+            if not running and not retry_at:
+                if ready:
+                    continue
+                if sorter.is_active():
+                    continue
+                break
+            timeout = None
+            if retry_at:
+                timeout = max(0.0, retry_at[0][0] - time.time())
+            try:
+                kind, payload = self._inbox.get(timeout=timeout)
+            except queue.Empty:
+                kind, payload = "tick", None
+            if kind == "event":
+                self.emit(payload)
+            elif kind == "done":
+                outcome: StepOutcome = payload
+                task = running.pop(outcome.step)
+                failed_any |= self._finish(outcome, task, retry_at, settle)
+            while retry_at and retry_at[0][0] <= time.time() and len(running) < self.jobs:
+                _, name, task = heapq.heappop(retry_at)
+                if self.cancelled:
+                    continue
+                running[name] = task
+                self._submit(task)
+
+    def _finish(self, outcome: StepOutcome, task: StepTask, retry_at: list, settle) -> bool:
+        name = outcome.step
+        prev = self.results[name]
+        if outcome.status == StepStatus.SUCCEEDED:
+            inputs = self.ledger.file_records(self.graph.inputs_of(name))
+            outputs = self.ledger.file_records(self.graph.outputs_of(name))
+            parts = self._parts[name]
+            self.emit(StepSucceeded(name, outcome.attempt, outcome.duration_s, outcome.notebook or "",
+                                    fingerprint(parts), parts, _jsonable(self.plan.parameters[name]),
+                                    inputs, outputs, outcome.started_at))
+            settle(name, StepResult(name, StepStatus.SUCCEEDED, outcome.attempt, outcome.duration_s,
+                                    outcome.notebook, None, prev.reasons))
+            return False
+        if outcome.status == StepStatus.CANCELLED:
+            self.emit(StepCancelled(name, outcome.attempt, outcome.duration_s, outcome.notebook, outcome.started_at))
+            settle(name, StepResult(name, StepStatus.CANCELLED, outcome.attempt, outcome.duration_s,
+                                    outcome.notebook, outcome.error, prev.reasons))
+            return False
+        settings = self.graph.config.for_step(name)
+        assert outcome.error is not None
+        will_retry = (outcome.attempt <= settings.retries and not self.cancelled
+                      and outcome.error.kind not in ("kernel_start",))
+        delay = settings.retry_delay * (2 ** (outcome.attempt - 1)) if will_retry else 0.0
+        self.emit(StepFailed(name, outcome.attempt, outcome.duration_s, outcome.notebook, outcome.error,
+                             will_retry, delay, _jsonable(self.plan.parameters[name]), outcome.started_at))
+        if will_retry:
+            heapq.heappush(retry_at, (time.time() + delay, name, self._task(name, outcome.attempt + 1)))
+            self.results[name] = replace(prev, status=StepStatus.RUNNING, attempts=outcome.attempt,
+                                         error=outcome.error)
+            return False
+        settle(name, StepResult(name, StepStatus.FAILED, outcome.attempt, outcome.duration_s, outcome.notebook,
+                                outcome.error, prev.reasons))
+        return True
+
+    def _submit(self, task: StepTask) -> None:
+        self.results[task.step] = replace(self.results[task.step], status=StepStatus.RUNNING, attempts=task.attempt)
+
+        def emit(event: Event) -> None:
+            self._inbox.put(("event", event))
+
+        future = self.executor.submit(task, emit)
+
+        def done(f) -> None:
+            try:
+                outcome = f.result()
+            except BaseException as e:  # noqa: BLE001 - an executor bug still ends the step
+                from .events import StepError  # noqa: PLC0415
+
+                outcome = StepOutcome(task.step, task.attempt, StepStatus.FAILED, time.time(), 0.0, None,
+                                      StepError("exception", type(e).__name__, f"executor error: {e}"))
+            self._inbox.put(("done", outcome))
+
+        future.add_done_callback(done)
+
+    def _prestart(self, sorter, running: dict[str, StepTask], ready: list[str]) -> None:
+        """Ask for kernels for steps that will be ready once what runs now finishes."""
+        soon = [n for n in self.plan.to_run
+                if self.results[n].status == StepStatus.PENDING and n not in ready
+                and all(u in running or self.results.get(u, StepResult(u, StepStatus.SUCCEEDED)).status
+                        in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for u in self.graph.upstream[n])
+                and any(u in running for u in self.graph.upstream[n])]
+        for name in soon[: self.jobs]:
+            self.executor.prestart(self._task(name, attempt=1))
+
+    def _task(self, name: str, attempt: int) -> StepTask:
+        graph = self.graph
+        step = graph.steps[name]
+        settings = graph.config.for_step(name)
+        state = graph.root / STATE_DIR
+        executed = state / "runs" / self.run_id / f"{name}.ipynb"
+        env = {**self.plan.env.get(name, {}), "NBFLOW_VALUES_DIR": str(state / "values"),
+               "NBFLOW_RUN_ID": self.run_id, "NBFLOW_STEP": name, "NBFLOW_PIPELINE": str(graph.root)}
+        return StepTask(
+            step=name, run_id=self.run_id, attempt=attempt, source=str(step.path), rel_source=step.rel_path,
+            cwd=str(step.folder), root=str(graph.root), executed=str(executed),
+            latest=str(state / "latest" / f"{name}.ipynb"), parameters=self.plan.parameters[name],
+            parameters_cell=step.parameters_cell, kernel=kernel_of(graph, name), language=step.language,
+            outputs=tuple((ref.label, str(ref.path)) for ref in graph.outputs_of(name)), env=env,
+            timeout=settings.timeout, cell_timeout=settings.cell_timeout,
+            use_forkserver=graph.config.forkserver and os.environ.get("NBFLOW_FORKSERVER", "1") != "0",
+            reasons=self.results[name].reasons)
+
+    def _drain_after_error(self) -> None:
+        """After a cancel caused by an error, wait for running steps to save their notebooks."""
+        deadline = time.time() + 60
+        pending = {n for n, r in self.results.items() if r.status == StepStatus.RUNNING}
+        while pending and time.time() < deadline:
+            try:
+                kind, payload = self._inbox.get(timeout=1)
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                continue
+            if kind == "event":
+                try:
+                    self.emit(payload)
+                except StateError:
+                    pass
+            elif kind == "done":
+                pending.discard(payload.step)
+                self.results[payload.step] = replace(self.results[payload.step], status=StepStatus.CANCELLED,
+                                                     notebook=payload.notebook, duration_s=payload.duration_s)
+        for name, r in self.results.items():
+            if r.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                self.results[name] = replace(r, status=StepStatus.CANCELLED)
+
+
+def _jsonable(parameters: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else repr(v))
+            for k, v in parameters.items()}
+
+
+def run_dir(root: Path, run_id: str) -> Path:
+    return root / STATE_DIR / "runs" / run_id

@@ -1,0 +1,77 @@
+"""Executors: where a step's notebook runs.
+
+Owns: the plain data handed to an executor (`StepTask`) and returned by it
+(`StepOutcome`), the `Executor` interface the Runner drives, and choosing an
+executor by name. The Runner decides what runs and when; an executor only runs
+what it is given and reports events through the `emit` callback.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from ..events import Event, StepError, StepStatus
+
+
+@dataclass(frozen=True)
+class StepTask:
+    """Everything needed to execute one attempt of one step; picklable."""
+
+    step: str
+    run_id: str
+    attempt: int
+    source: str  # absolute path of the source notebook
+    rel_source: str  # relative to the pipeline folder
+    cwd: str  # the notebook's folder: the kernel's working directory
+    root: str  # the pipeline folder
+    executed: str  # absolute path of the executed copy to write
+    latest: str  # absolute path of _nbflow/latest/<step>.ipynb
+    parameters: dict[str, Any]
+    parameters_cell: int
+    kernel: str
+    language: str
+    outputs: tuple[tuple[str, str], ...]  # (label, absolute path)
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+    cell_timeout: float | None = None
+    use_forkserver: bool = True
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    step: str
+    attempt: int
+    status: StepStatus  # SUCCEEDED, FAILED or CANCELLED
+    started_at: float
+    duration_s: float
+    notebook: str | None  # relative to the pipeline folder; None if nothing could be written
+    error: StepError | None = None
+    kernel_mode: str | None = None
+
+
+Emit = Callable[[Event], None]
+
+
+class Executor(Protocol):
+    def submit(self, task: StepTask, emit: Emit) -> "concurrent.futures.Future[StepOutcome]": ...
+
+    def prestart(self, task: StepTask) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def make_executor(name: str, *, jobs: int, dask_address: str | None = None) -> Executor:
+    if name == "local":
+        from .local import LocalExecutor  # noqa: PLC0415
+
+        return LocalExecutor(jobs=jobs)
+    if name == "dask":
+        from .dask import DaskExecutor  # noqa: PLC0415
+
+        return DaskExecutor(jobs=jobs, address=dask_address)
+    raise ValueError(f"unknown executor {name!r}; use 'local' or 'dask'")

@@ -1,0 +1,73 @@
+"""The local executor: steps run concurrently on this machine, one asyncio loop.
+
+Owns: the event-loop thread that drives every running step (kernels are
+separate processes, so one loop is enough to keep N kernels busy), the kernel
+pool shared by the steps of a run, prestart hints, and cancelling every
+running step. Must not decide what runs: the Runner does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+from . import Emit, StepOutcome, StepTask
+from .step import execute_step
+
+
+class LocalExecutor:
+    def __init__(self, *, jobs: int):
+        from ..kernels import KernelPool  # noqa: PLC0415
+
+        self.jobs = jobs
+        self.loop = asyncio.new_event_loop()
+        self._tasks: set[asyncio.Task] = set()
+        self._thread = threading.Thread(target=self._serve, name="nbflow-executor", daemon=True)
+        self._thread.start()
+        self.pool: KernelPool = self._call(self._make_pool(KernelPool)).result()
+
+    async def _make_pool(self, pool_class):
+        return pool_class(max_prestarted=max(1, self.jobs))
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def _call(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def submit(self, task: StepTask, emit: Emit) -> "concurrent.futures.Future[StepOutcome]":
+        async def tracked() -> StepOutcome:
+            me = asyncio.current_task()
+            assert me is not None
+            self._tasks.add(me)
+            try:
+                return await execute_step(task, emit, self.pool)
+            finally:
+                self._tasks.discard(me)
+
+        return self._call(tracked())
+
+    def prestart(self, task: StepTask) -> None:
+        from ..kernels import KernelRequest  # noqa: PLC0415
+
+        request = KernelRequest(task.kernel, task.cwd, task.env)
+        self.loop.call_soon_threadsafe(self.pool.prestart, task.step, request)
+
+    def cancel(self) -> None:
+        def cancel_all() -> None:
+            for t in list(self._tasks):
+                t.cancel()
+
+        self.loop.call_soon_threadsafe(cancel_all)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self._call(self.pool.close()).result(timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+            self.loop.close()

@@ -1,0 +1,182 @@
+"""Execute one attempt of one step: a fresh kernel, the cells, the executed copy.
+
+Owns: driving nbclient cell by cell (emitting CellStarted/CellFinished), the
+step timeout, cancellation, turning every way a step can end (exception, cell
+timeout, step timeout, dead kernel, missing output, cancel) into a StepOutcome,
+and always saving the executed notebook before the kernel is stopped.
+Shared by every executor. Must not touch the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import executed
+from ..events import CellFinished, CellStarted, StepError, StepStarted, StepStatus
+from ..notebook import load_notebook_json
+from . import Emit, StepOutcome, StepTask
+
+if TYPE_CHECKING:
+    from ..kernels import KernelPool
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_ARROW = re.compile(r"^-+>\s*(\d+)", re.MULTILINE)
+
+
+async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOutcome:
+    import nbformat  # noqa: PLC0415 - executor only
+    from nbclient import NotebookClient  # noqa: PLC0415
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError  # noqa: PLC0415
+
+    from ..kernels import KernelRequest, KernelStartError  # noqa: PLC0415
+
+    started_at = time.time()
+    root = Path(task.root)
+    executed_path = Path(task.executed)
+    rel_executed = executed_path.relative_to(root).as_posix()
+    _keep_previous_attempt(executed_path, task.attempt)
+
+    source = load_notebook_json(Path(task.source), task.rel_source)
+    assert isinstance(source, dict)
+    nb_dict, numbers = executed.prepare(
+        source, task.parameters, parameters_cell=task.parameters_cell, kernel=task.kernel,
+        language=task.language, input_path=task.rel_source, output_path=rel_executed)
+    nb = nbformat.from_dict(nb_dict)
+    code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
+    total = len(code_cells)
+    emit(StepStarted(task.step, task.attempt, rel_executed, total, started_at, task.reasons))
+
+    error: StepError | None = None
+    status = StepStatus.SUCCEEDED
+    current: int | None = None  # index (in nb.cells) of the cell running now
+    last_done: int | None = None
+    kernel = None
+    client = None
+
+    def number(i: int | None) -> int | None:
+        return None if i is None else (numbers[i] or None)
+
+    def where(i: int | None) -> str:
+        if i is None:
+            return ""
+        n = numbers[i]
+        return " in the injected parameters cell" if n == 0 else f" in cell {n}"
+
+    try:
+        async with asyncio.timeout(task.timeout):
+            request = KernelRequest(task.kernel, task.cwd, task.env)
+            kernel = await pool.acquire(task.step, request)
+            client = NotebookClient(nb, km=kernel.km, kc=kernel.kc, timeout=task.cell_timeout,
+                                    allow_errors=False, record_timing=True,
+                                    resources={"metadata": {"path": task.cwd}})
+            client.reset_execution_trackers()
+            client.kc = kernel.kc
+            for position, i in enumerate(code_cells, start=1):
+                cell = nb.cells[i]
+                current = i
+                emit(CellStarted(task.step, numbers[i], position, total))
+                t0 = time.time()
+                executed.mark_cell(cell, "running", start=t0)
+                ok = False
+                try:
+                    await client.async_execute_cell(cell, i, execution_count=client.code_cells_executed + 1)
+                    ok = True
+                finally:
+                    t1 = time.time()
+                    executed.mark_cell(cell, "completed" if ok else "failed", start=t0, end=t1, exception=not ok)
+                    emit(CellFinished(task.step, numbers[i], position, total, t1 - t0, ok))
+                last_done = i
+            current = None
+    except KernelStartError as e:
+        status, error = StepStatus.FAILED, StepError("kernel_start", "KernelStartError", str(e))
+    except CellTimeoutError:
+        status = StepStatus.FAILED
+        error = StepError("timeout", "CellTimeoutError",
+                          f"cell timed out after {task.cell_timeout:g} s (cell_timeout)", number(current),
+                          _first_line(nb, current))
+    except CellExecutionError as e:
+        status = StepStatus.FAILED
+        tb = _ANSI.sub("", e.traceback or "")
+        error = StepError("exception", e.ename or "Error", _ANSI.sub("", e.evalue or ""), number(current),
+                          _failing_line(nb, current, tb), tb)
+    except DeadKernelError:
+        status = StepStatus.FAILED
+        last = f"; the last cell that completed was cell {numbers[last_done]}" if last_done is not None else ""
+        error = StepError("kernel_died", "DeadKernelError",
+                          f"kernel died{where(current)}{last} (crash, os._exit, or killed for memory?)",
+                          number(current), _first_line(nb, current))
+    except TimeoutError:
+        status = StepStatus.FAILED
+        error = StepError("timeout", "StepTimeout", f"timed out after {task.timeout:g} s{where(current)}",
+                          number(current), _first_line(nb, current))
+    except asyncio.CancelledError:
+        status = StepStatus.CANCELLED
+        error = StepError("cancelled", "Cancelled", f"run cancelled{where(current)}", number(current))
+    except Exception as e:  # noqa: BLE001 - any other failure still saves the notebook
+        status = StepStatus.FAILED
+        error = StepError("exception", type(e).__name__, str(e), number(current), _first_line(nb, current))
+
+    if status == StepStatus.SUCCEEDED:
+        missing = [label for label, path in task.outputs if not os.path.exists(path)]
+        if missing:
+            status = StepStatus.FAILED
+            error = StepError("missing_output", "MissingOutput",
+                              "declared output" + ("s " if len(missing) > 1 else " ") + ", ".join(missing)
+                              + " was not written by the notebook; write it, or remove it from `outputs`")
+    if current is not None and status != StepStatus.SUCCEEDED:
+        executed.mark_cell(nb.cells[current], "failed" if status == StepStatus.FAILED else "cancelled",
+                           end=time.time(), exception=True)
+    banner = None if status == StepStatus.SUCCEEDED else (error.summary() if error else "failed")
+    executed.finish(nb, started_at, failed_cell=current if error and error.kind != "missing_output" else None,
+                    banner=banner)
+    notebook: str | None = rel_executed
+    try:
+        executed.write_atomic(nb, executed_path)
+        latest = Path(task.latest)
+        latest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(executed_path, latest)
+    except OSError as e:
+        notebook = None
+        if error is None:
+            status = StepStatus.FAILED
+            error = StepError("exception", "OSError", f"cannot save the executed notebook {rel_executed}: {e}")
+    finally:
+        if kernel is not None:
+            await asyncio.shield(kernel.stop())
+    return StepOutcome(task.step, task.attempt, status, started_at, time.time() - started_at, notebook, error,
+                       kernel.mode if kernel is not None else None)
+
+
+def _keep_previous_attempt(path: Path, attempt: int) -> None:
+    """Before attempt k, the executed copy of attempt k-1 becomes `<step>.attempt-<k-1>.ipynb`."""
+    if attempt > 1 and path.exists():
+        path.replace(path.with_name(f"{path.stem}.attempt-{attempt - 1}{path.suffix}"))
+
+
+def _first_line(nb, i: int | None) -> str | None:
+    if i is None:
+        return None
+    lines = [ln for ln in nb.cells[i].source.splitlines() if ln.strip()]
+    return lines[0] if lines else None
+
+
+def _failing_line(nb, i: int | None, traceback: str) -> str | None:
+    """The line of the cell the traceback points at (IPython marks it with '---->')."""
+    if i is None:
+        return None
+    source_lines = nb.cells[i].source.splitlines()
+    cell_part = traceback.split("Traceback", 1)[-1]
+    found = _ARROW.findall(cell_part.split("\nFile ", 1)[0]) or _ARROW.findall(cell_part)
+    if found:
+        n = int(found[0])
+        if 1 <= n <= len(source_lines):
+            return source_lines[n - 1].strip()
+    return _first_line(nb, i)
+
+

@@ -1,0 +1,468 @@
+"""What nbflow remembers: the run ledger, fingerprints, freshness and the run lock.
+
+Owns: `_nbflow/history.sqlite` (schema, versioning, transactions), file
+hashing (with a stat cache), step fingerprints and the reasons a step is
+stale, and `_nbflow/lock`. The ledger is written by `LedgerRecorder`, a
+listener of the Runner's events; nothing here executes notebooks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import PipelineLocked, StateError
+from .events import (Event, FileRecord, RunFinished, RunStarted, RunStatus, StepCancelled, StepFailed,
+                     StepNotRun, StepSkipped, StepStarted, StepSucceeded)
+from .graph import FileRef, Graph
+from .params import is_secret_name
+
+SCHEMA_VERSION = 1
+LEDGER_NAME = "history.sqlite"
+REDACTED = "***"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL, status TEXT NOT NULL,
+    pid INTEGER, host TEXT, parameters TEXT, plan TEXT, nbflow_version TEXT);
+CREATE TABLE IF NOT EXISTS step_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL REFERENCES runs(run_id),
+    step TEXT NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
+    started_at REAL, finished_at REAL, duration_s REAL, notebook TEXT,
+    fingerprint TEXT, fingerprint_parts TEXT, parameters TEXT, reasons TEXT,
+    error_kind TEXT, error_name TEXT, error_value TEXT, error_cell INTEGER, error_traceback TEXT);
+CREATE TABLE IF NOT EXISTS files (
+    step_run_id INTEGER NOT NULL REFERENCES step_runs(id), role TEXT NOT NULL,
+    label TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS file_cache (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS step_runs_by_step ON step_runs(step, status, finished_at);
+CREATE INDEX IF NOT EXISTS files_by_path ON files(path);
+"""
+
+
+def redact(parameters: dict[str, Any], secrets: tuple[str, ...] | set[str] = ()) -> dict[str, Any]:
+    return {k: (REDACTED if k in secrets or is_secret_name(k) else v) for k, v in parameters.items()}
+
+
+class Ledger:
+    """The run ledger of one pipeline. Every write is one transaction."""
+
+    def __init__(self, state_dir: Path, *, create: bool = True):
+        self.state_dir = Path(state_dir)
+        self.root = self.state_dir.parent
+        path = self.state_dir / LEDGER_NAME
+        self.path = path
+        try:
+            if create:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+            elif not path.exists():
+                self.conn = sqlite3.connect(":memory:", isolation_level=None)
+                self._init()
+                return
+            self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._init()
+        except (OSError, sqlite3.Error) as e:
+            raise StateError(f"cannot open the run ledger {path}: {e}; check that {self.state_dir} is "
+                             "writable and the disk is not full") from None
+
+    def _init(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{self.path} was written by a newer nbflow (schema {version}); upgrade nbflow")
+        if version == 0:
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error:
+                pass
+            self.conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+    def transaction(self):
+        return _Transaction(self)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- files -------------------------------------------------------------------
+    def rel(self, path: Path) -> str:
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return os.path.relpath(path, self.root)
+
+    def file_hash(self, path: Path) -> tuple[str, int] | None:
+        """(sha256, size) of a file, or None when it does not exist. Cached by (size, mtime_ns)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = self.rel(path)
+        row = self.conn.execute("SELECT size, mtime_ns, sha256 FROM file_cache WHERE path=?", (key,)).fetchone()
+        if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+            return row[2], st.st_size
+        digest = sha256_file(path)
+        try:
+            with self.transaction() as c:
+                c.execute("INSERT OR REPLACE INTO file_cache VALUES (?,?,?,?)", (key, st.st_size, st.st_mtime_ns, digest))
+        except StateError:
+            pass  # a cache miss is not worth failing for (read-only ledger while checking status)
+        return digest, st.st_size
+
+    def file_records(self, refs: list[FileRef]) -> tuple[FileRecord, ...]:
+        records = []
+        for ref in refs:
+            hashed = self.file_hash(ref.path)
+            if hashed is not None:
+                records.append(FileRecord(ref.label, self.rel(ref.path), hashed[0], hashed[1]))
+        return tuple(records)
+
+    # -- queries -----------------------------------------------------------------
+    def last_success(self, step: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT id, run_id, fingerprint, fingerprint_parts, finished_at FROM step_runs "
+            "WHERE step=? AND status='succeeded' ORDER BY finished_at DESC, id DESC LIMIT 1", (step,)).fetchone()
+        if row is None:
+            return None
+        outputs = self.conn.execute("SELECT label, path, sha256, size FROM files WHERE step_run_id=? AND role='output'",
+                                    (row[0],)).fetchall()
+        return {"id": row[0], "run_id": row[1], "fingerprint": row[2], "parts": json.loads(row[3] or "{}"),
+                "finished_at": row[4], "outputs": [FileRecord(*o) for o in outputs]}
+
+    def failed_since(self, step: str, since: float) -> str | None:
+        row = self.conn.execute(
+            "SELECT run_id FROM step_runs WHERE step=? AND status IN ('failed','cancelled','interrupted') "
+            "AND started_at > ? ORDER BY started_at DESC LIMIT 1", (step, since)).fetchone()
+        return row[0] if row else None
+
+    def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT run_id, started_at, finished_at, status, pid, host, parameters FROM runs ORDER BY started_at DESC"
+        rows = self.conn.execute(sql + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+        result = []
+        for r in rows:
+            counts = dict(self.conn.execute(
+                "SELECT status, COUNT(*) FROM step_runs s WHERE run_id=? AND id = (SELECT MAX(id) FROM step_runs "
+                "WHERE run_id=s.run_id AND step=s.step) GROUP BY status", (r[0],)).fetchall())
+            result.append({"run_id": r[0], "started_at": r[1], "finished_at": r[2], "status": r[3], "pid": r[4],
+                           "host": r[5], "parameters": json.loads(r[6] or "{}"),
+                           "duration_s": None if r[2] is None else round(r[2] - r[1], 3), "steps": counts})
+        return result
+
+    def step_runs(self, run_id: str) -> list[dict[str, Any]]:
+        cols = ["id", "step", "attempt", "status", "started_at", "finished_at", "duration_s", "notebook",
+                "fingerprint", "parameters", "reasons", "error_kind", "error_name", "error_value", "error_cell",
+                "error_traceback"]
+        rows = self.conn.execute(f"SELECT {', '.join(cols)} FROM step_runs WHERE run_id=? ORDER BY id",
+                                 (run_id,)).fetchall()
+        result = []
+        for row in rows:
+            d = dict(zip(cols, row))
+            d["parameters"] = json.loads(d["parameters"] or "{}")
+            d["reasons"] = json.loads(d["reasons"] or "[]")
+            d["files"] = [dict(zip(("role", "label", "path", "sha256", "size"), f)) for f in self.conn.execute(
+                "SELECT role, label, path, sha256, size FROM files WHERE step_run_id=?", (d["id"],))]
+            result.append(d)
+        return result
+
+    def lineage(self, rel_path: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT s.id, s.run_id, s.step, s.finished_at, f.sha256 FROM files f JOIN step_runs s ON s.id=f.step_run_id "
+            "WHERE f.path=? AND f.role='output' AND s.status='succeeded' ORDER BY s.finished_at DESC LIMIT 1",
+            (rel_path,)).fetchone()
+        if row is None:
+            return None
+        inputs = [dict(zip(("label", "path", "sha256"), f)) for f in self.conn.execute(
+            "SELECT label, path, sha256 FROM files WHERE step_run_id=? AND role='input'", (row[0],))]
+        return {"run_id": row[1], "step": row[2], "finished_at": row[3], "sha256": row[4], "inputs": inputs}
+
+    # -- writes ------------------------------------------------------------------
+    def mark_interrupted(self) -> list[str]:
+        """Runs left `running` by an nbflow that died: record them as interrupted."""
+        ids = [r[0] for r in self.conn.execute("SELECT run_id FROM runs WHERE status='running'")]
+        if ids:
+            with self.transaction() as c:
+                now = time.time()
+                c.execute("UPDATE step_runs SET status='interrupted', finished_at=? WHERE status='running'", (now,))
+                c.execute("UPDATE runs SET status='interrupted', finished_at=? WHERE status='running'", (now,))
+        return ids
+
+
+class _Transaction:
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.ledger.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StateError(f"cannot write the run ledger {self.ledger.path}: {e}; "
+                             "check that the folder is writable and the disk is not full") from None
+        return self.ledger.conn
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        conn = self.ledger.conn
+        if exc_type is None:
+            try:
+                conn.execute("COMMIT")
+                return False
+            except sqlite3.Error as e:
+                conn.execute("ROLLBACK")
+                raise StateError(f"cannot write the run ledger {self.ledger.path}: {e}; "
+                                 "check that the folder is writable and the disk is not full") from None
+        conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StateError(f"cannot write the run ledger {self.ledger.path}: {exc}; "
+                             "check that the folder is writable and the disk is not full") from None
+        return False
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- fingerprints and freshness -------------------------------------------------
+
+def fingerprint_parts(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
+                      kernel: str | None = None) -> dict[str, Any]:
+    """Everything a step's result depends on: cells, parameters, kernel, input contents."""
+    step = graph.steps[name]
+    effective = {}
+    for pname, param in step.parameters.items():
+        effective[pname] = repr(parameters[pname]) if pname in parameters else param.source
+    inputs = {}
+    for ref in graph.inputs_of(name):
+        hashed = ledger.file_hash(ref.path)
+        inputs[ref.label] = hashed[0] if hashed else None
+    return {"cells": [list(c) for c in step.cell_hashes], "parameters": effective, "kernel": kernel or step.kernel,
+            "inputs": inputs, "outputs": sorted(ref.label for ref in graph.outputs_of(name))}
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Freshness:
+    name: str
+    fresh: bool
+    reasons: tuple[str, ...]
+    parts: dict[str, Any]
+
+
+def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
+           rerunning_upstream: tuple[str, ...] = (), kernel: str | None = None) -> Freshness:
+    """Is the step fresh, and if not, why (in words)."""
+    parts = fingerprint_parts(graph, name, parameters, ledger, kernel)
+    secrets = set(graph.config.secrets)
+    reasons: list[str] = []
+    last = ledger.last_success(name)
+    if last is None:
+        reasons.append("never run")
+    else:
+        old = last["parts"]
+        if old.get("kernel") != parts["kernel"]:
+            reasons.append(f"kernel {old.get('kernel')} -> {parts['kernel']}")
+        reasons += _cell_changes(old.get("cells", []), parts["cells"])
+        old_params, new_params = old.get("parameters", {}), parts["parameters"]
+        for p in sorted(set(old_params) | set(new_params)):
+            if old_params.get(p) != new_params.get(p):
+                if p in secrets or is_secret_name(p):
+                    reasons.append(f"parameter {p} changed")
+                elif p not in old_params:
+                    reasons.append(f"parameter {p} added ({new_params[p]})")
+                elif p not in new_params:
+                    reasons.append(f"parameter {p} removed")
+                else:
+                    reasons.append(f"parameter {p} {old_params[p]} -> {new_params[p]}")
+        old_inputs = old.get("inputs", {})
+        for label, digest in parts["inputs"].items():
+            if digest is None:
+                reasons.append(f"input {label} missing")
+            elif label not in old_inputs:
+                reasons.append(f"input {label} added")
+            elif old_inputs[label] != digest:
+                reasons.append(f"input {label} changed")
+        for label in old_inputs:
+            if label not in parts["inputs"]:
+                reasons.append(f"input {label} removed")
+        if old.get("outputs") != parts["outputs"]:
+            reasons.append("declared outputs changed")
+        for rec in last["outputs"]:
+            hashed = ledger.file_hash(ledger.root / rec.path)
+            if hashed is None:
+                reasons.append(f"output {rec.label} missing")
+            elif hashed[0] != rec.sha256:
+                reasons.append(f"output {rec.label} changed since it was made")
+        failed_run = ledger.failed_since(name, last["finished_at"])
+        if failed_run:
+            reasons.append(f"last run failed ({failed_run})")
+    for up in rerunning_upstream:
+        reasons.append(f"upstream {up} reruns")
+    return Freshness(name, not reasons, tuple(reasons), parts)
+
+
+def _cell_changes(old: list, new: list) -> list[str]:
+    old_h = [h for _, h in old]
+    new_h = [h for _, h in new]
+    reasons = []
+    matcher = difflib.SequenceMatcher(a=old_h, b=new_h, autojunk=False)
+    for op, a1, a2, b1, b2 in matcher.get_opcodes():
+        if op == "replace":
+            reasons += [f"cell {new[j][0]} changed" for j in range(b1, b2)]
+            if a2 - a1 > b2 - b1:
+                reasons.append(f"{(a2 - a1) - (b2 - b1)} cell(s) removed")
+        elif op == "insert":
+            reasons += [f"cell {new[j][0]} added" for j in range(b1, b2)]
+        elif op == "delete":
+            reasons.append(f"{a2 - a1} cell(s) removed" if a2 - a1 > 1 else f"cell {old[a1][0]} removed")
+    return reasons
+
+
+# -- the lock ---------------------------------------------------------------------
+
+class RunLock:
+    """`_nbflow/lock`: one run of a pipeline at a time. The OS frees it if nbflow dies."""
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "lock"
+        self.fd: int | None = None
+
+    def acquire(self, run_id: str) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StateError(f"cannot create the run lock {self.path}: {e.strerror}; "
+                             f"check that {self.path.parent} is writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            started = holder.get("started_at")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "an unknown time"
+            raise PipelineLocked(
+                f"another nbflow run of this pipeline is in progress (run {holder.get('run_id', '?')}, "
+                f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {when}); wait for it to "
+                f"finish or stop it (kill {holder.get('pid', '<pid>')})") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id, "started_at": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+# -- the ledger as a listener -------------------------------------------------------
+
+class LedgerRecorder:
+    """Writes the Runner's events into the ledger, one transaction per event."""
+
+    def __init__(self, ledger: Ledger, secrets: tuple[str, ...] = ()):
+        self.ledger = ledger
+        self.secrets = set(secrets)
+        self.run_id: str | None = None
+        self.open_rows: dict[str, int] = {}
+
+    def __call__(self, event: Event) -> None:
+        handler = getattr(self, "_on_" + type(event).__name__, None)
+        if handler is not None:
+            handler(event)
+
+    def _on_RunStarted(self, e: RunStarted) -> None:
+        from . import __version__  # noqa: PLC0415
+
+        self.run_id = e.run_id
+        with self.ledger.transaction() as c:
+            c.execute("INSERT INTO runs (run_id, started_at, status, pid, host, parameters, plan, nbflow_version) "
+                      "VALUES (?,?,?,?,?,?,?,?)",
+                      (e.run_id, e.started_at, RunStatus.RUNNING.value, os.getpid(), socket.gethostname(),
+                       json.dumps(redact(e.parameters, self.secrets), default=repr),
+                       json.dumps([[p.name, p.action, list(p.reasons)] for p in e.plan]), __version__))
+
+    def _insert(self, c: sqlite3.Connection, step: str, attempt: int, status: str, **cols: Any) -> int:
+        cols = {"run_id": self.run_id, "step": step, "attempt": attempt, "status": status, **cols}
+        cur = c.execute(f"INSERT INTO step_runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                        tuple(cols.values()))
+        return int(cur.lastrowid or 0)
+
+    def _on_StepSkipped(self, e: StepSkipped) -> None:
+        with self.ledger.transaction() as c:
+            self._insert(c, e.step, 0, "skipped", started_at=time.time(), finished_at=time.time(),
+                         reasons=json.dumps(list(e.reasons)))
+
+    def _on_StepNotRun(self, e: StepNotRun) -> None:
+        with self.ledger.transaction() as c:
+            self._insert(c, e.step, 0, "not_run", reasons=json.dumps([f"upstream {e.because} did not succeed"]))
+
+    def _on_StepStarted(self, e: StepStarted) -> None:
+        with self.ledger.transaction() as c:
+            self.open_rows[e.step] = self._insert(c, e.step, e.attempt, "running", started_at=e.started_at,
+                                                  notebook=e.notebook, reasons=json.dumps(list(e.reasons)))
+
+    def _finish(self, c: sqlite3.Connection, step: str, attempt: int, status: str, **cols: Any) -> int:
+        row = self.open_rows.pop(step, None)
+        cols["finished_at"] = time.time()
+        if row is None:
+            return self._insert(c, step, attempt, status, **cols)
+        sets = ", ".join(f"{k}=?" for k in cols)
+        c.execute(f"UPDATE step_runs SET status=?, {sets} WHERE id=?", (status, *cols.values(), row))
+        return row
+
+    def _on_StepSucceeded(self, e: StepSucceeded) -> None:
+        with self.ledger.transaction() as c:
+            row = self._finish(c, e.step, e.attempt, "succeeded", duration_s=e.duration_s, notebook=e.notebook,
+                               fingerprint=e.fingerprint, fingerprint_parts=json.dumps(e.fingerprint_parts),
+                               parameters=json.dumps(redact(e.parameters, self.secrets), default=repr))
+            for role, records in (("input", e.inputs), ("output", e.outputs)):
+                c.executemany("INSERT INTO files VALUES (?,?,?,?,?,?)",
+                              [(row, role, r.label, r.path, r.sha256, r.size) for r in records])
+
+    def _on_StepFailed(self, e: StepFailed) -> None:
+        with self.ledger.transaction() as c:
+            self._finish(c, e.step, e.attempt, "failed", duration_s=e.duration_s, notebook=e.notebook,
+                         parameters=json.dumps(redact(e.parameters, self.secrets), default=repr),
+                         error_kind=e.error.kind, error_name=e.error.ename, error_value=e.error.evalue,
+                         error_cell=e.error.cell, error_traceback=e.error.traceback)
+
+    def _on_StepCancelled(self, e: StepCancelled) -> None:
+        with self.ledger.transaction() as c:
+            self._finish(c, e.step, e.attempt, "cancelled", duration_s=e.duration_s, notebook=e.notebook)
+
+    def _on_RunFinished(self, e: RunFinished) -> None:
+        with self.ledger.transaction() as c:
+            c.execute("UPDATE runs SET status=?, finished_at=? WHERE run_id=?",
+                      (e.result.status.value, e.result.finished_at, e.result.run_id))
+
+
+def iter_runs_dir(state_dir: Path) -> Iterator[Path]:
+    runs = Path(state_dir) / "runs"
+    if runs.is_dir():
+        yield from sorted(p for p in runs.iterdir() if p.is_dir())

@@ -1,0 +1,1 @@
+"""Listeners that present a run's events: widget, terminal, logs, alerts, report, plot."""

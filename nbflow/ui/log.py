@@ -1,0 +1,57 @@
+"""Plain one-line-per-event logs, for when stdout is not a terminal (CI, cron, files).
+
+Owns: the text of each event as one line with a timestamp. A listener; never
+called by the Runner directly.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from ..events import (CellFinished, Event, RunFinished, RunStarted, StepCancelled, StepFailed, StepNotRun,
+                      StepSkipped, StepStarted, StepSucceeded)
+
+
+def describe(event: Event) -> str | None:
+    """One line for an event, or None for events too fine-grained for a log."""
+    if isinstance(event, RunStarted):
+        runs = sum(1 for p in event.plan if p.action == "run")
+        return f"run {event.run_id}: {len(event.plan)} steps, {runs} to run"
+    if isinstance(event, StepSkipped):
+        return f"{event.step}: skipped ({'; '.join(event.reasons)})"
+    if isinstance(event, StepStarted):
+        why = f" because {'; '.join(event.reasons)}" if event.reasons and event.attempt == 1 else ""
+        attempt = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+        return f"{event.step}: started{attempt}{why}"
+    if isinstance(event, StepSucceeded):
+        return f"{event.step}: succeeded in {event.duration_s:.2f}s -> {event.notebook}"
+    if isinstance(event, StepFailed):
+        retry = f"; retrying in {event.retry_in_s:g}s" if event.will_retry else ""
+        where = f"\n    at: {event.error.source_line}" if event.error.source_line else ""
+        return (f"{event.step}: FAILED after {event.duration_s:.2f}s: {event.error.summary()}{retry}{where}"
+                f"\n    notebook: {event.notebook}")
+    if isinstance(event, StepCancelled):
+        return f"{event.step}: cancelled" + (f" -> {event.notebook}" if event.notebook else "")
+    if isinstance(event, StepNotRun):
+        return f"{event.step}: not run ({event.because} did not succeed)" if event.because != "--fail-fast" \
+            else f"{event.step}: not run (--fail-fast)"
+    if isinstance(event, RunFinished):
+        r = event.result
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(r.counts().items()))
+        return f"run {r.run_id}: {r.status.value} in {r.duration_s:.2f}s ({counts})"
+    if isinstance(event, CellFinished):
+        return None
+    return None
+
+
+class LogListener:
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+
+    def __call__(self, event: Event) -> None:
+        line = describe(event)
+        if line is not None:
+            self.stream.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+            self.stream.flush()
