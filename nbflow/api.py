@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .errors import StateError
+from .errors import PipelineError, Problem, StateError
 from .events import Listener, RunResult
 from .graph import STATE_DIR, Graph, build_graph, resolve_parameters
 from .notebook import Step
@@ -164,7 +164,8 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
 
     if isinstance(steps, str):
         steps = [steps]
-    graph = build_graph(pipeline)
+    problems: list[Problem] = []
+    graph = build_graph(pipeline, collect=problems)
     run_id = run_id or new_run_id()
     lock = RunLock(graph.state_dir)
     lock.acquire(run_id)
@@ -172,7 +173,12 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     try:
         ledger = Ledger(graph.state_dir)
         ledger.mark_interrupted()
-        plan = make_plan(graph, ledger, steps, parameters, force=force)
+        try:
+            plan = make_plan(graph, ledger, steps, parameters, force=force)
+        except PipelineError as e:
+            raise PipelineError(problems + e.problems) from None
+        if problems:
+            raise PipelineError(problems)
         jobs = jobs or graph.config.jobs or os.cpu_count() or 1
         all_listeners = list(listeners)
         if display is None:

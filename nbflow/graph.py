@@ -116,11 +116,15 @@ def discover(root: Path, config: Config) -> list[Path]:
     return found
 
 
-def build_graph(root: str | os.PathLike, config: Config | None = None) -> Graph:
+def build_graph(root: str | os.PathLike, config: Config | None = None,
+                collect: list[Problem] | None = None) -> Graph:
     """Read every notebook of `root` and build the validated graph.
 
     Raises PipelineError listing every problem found (malformed notebooks,
     non-literal declarations, duplicate producers, cycles, bad nbflow.yaml).
+    With `collect`, problems are appended to it instead and a best-effort
+    graph of the readable steps is returned, so that later checks (missing
+    inputs, kernels, parameters) can be reported together with these.
     """
     root = Path(root).absolute()
     if not root.is_dir():
@@ -203,7 +207,7 @@ def build_graph(root: str | os.PathLike, config: Config | None = None) -> Graph:
             problems.append(Problem(f"'secrets' lists {secret!r}, which is no step's parameter"
                                     f"{did_you_mean(secret, all_params)}", file="nbflow.yaml"))
 
-    order: tuple[str, ...] = ()
+    order: tuple[str, ...] = tuple(sorted(steps))
     sorter = graphlib.TopologicalSorter({n: upstream.get(n, ()) for n in sorted(steps)})
     try:
         order = tuple(_stable_order(sorter))
@@ -212,7 +216,9 @@ def build_graph(root: str | os.PathLike, config: Config | None = None) -> Graph:
         problems.append(Problem("cycle: " + " -> ".join(cycle) + "; a step cannot depend on its own outputs",
                                 file=steps[cycle[0]].rel_path if cycle[0] in steps else None))
     if problems:
-        raise PipelineError(problems)
+        if collect is None:
+            raise PipelineError(problems)
+        collect.extend(problems)
     return Graph(root=root, config=config, steps=dict(sorted(steps.items())), not_steps=tuple(not_steps),
                  upstream=upstream, order=order, value_producers=value_producers)
 

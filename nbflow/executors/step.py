@@ -72,7 +72,7 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
         async with asyncio.timeout(task.timeout):
             request = KernelRequest(task.kernel, task.cwd, task.env)
             kernel = await pool.acquire(task.step, request)
-            client = NotebookClient(nb, km=kernel.km, kc=kernel.kc, timeout=task.cell_timeout,
+            client = NotebookClient(nb, km=kernel.km, timeout=task.cell_timeout,
                                     allow_errors=False, record_timing=True,
                                     resources={"metadata": {"path": task.cwd}})
             client.reset_execution_trackers()

@@ -1,0 +1,718 @@
+"""The fork server: a warm process that forks one fresh IPython kernel per request.
+
+Starting a kernel normally costs a new interpreter plus ~0.4 s of importing
+ipykernel and IPython. The fork server pays that once: it imports ipykernel
+(and nothing user-level, starts no thread, creates no zmq context), then for
+each request forks a child that becomes an ordinary ``IPKernelApp`` on the
+connection file the driver wrote. Every kernel is still a separate, fresh
+process; only the imported-but-unused library code is shared.
+
+This module owns
+- the server process (:func:`serve`, run in a subprocess by :class:`ForkServer`),
+- the child set-up that makes a forked kernel look like one started by
+  ``python -m ipykernel_launcher`` in the requested directory and environment,
+- the driver-side handle (:class:`ForkServer`, :class:`ForkedKernel`) and the
+  wire protocol between the two,
+- :class:`ForkServerProvisioner`, the jupyter_client kernel provisioner through
+  which an ``AsyncKernelManager`` launches, signals, polls and kills a forked kernel.
+It does not choose between forked and ordinary kernels, nor wait for readiness:
+:mod:`nbflow.kernels` does. The server process loads this file by path, without
+importing the ``nbflow`` package, so nothing of nbflow ends up inside a kernel;
+apart from jupyter_client (which every kernel imports anyway) it uses the stdlib only.
+
+Protocol (one Unix-socket connection per kernel, JSON lines):
+  driver -> server  {"argv": [python, "-m", "ipykernel_launcher", ...], "cwd": ..., "env": {...}}
+  server -> driver  {"pid": 1234}            or {"error": "..."}
+  server -> driver  {"exit": returncode}     when the kernel process has exited
+The kernel lives as long as its connection: when the driver closes it (or dies),
+the server SIGKILLs the kernel's process group. When the driver's pipe to the
+server's stdin closes (driver exit, even by SIGKILL) the server kills every
+kernel's process group and exits; each kernel also has PR_SET_PDEATHSIG and
+ipykernel's parent poller pointed at the server, so no kernel outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any, Mapping, Sequence
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning import LocalProvisioner
+
+__all__ = [
+    "KERNEL_MODULES",
+    "ForkServer",
+    "ForkServerError",
+    "ForkServerProvisioner",
+    "ForkedKernel",
+    "interpreter_env",
+    "serve",
+]
+
+#: ``python -m <module>`` entry points the server can run in a forked child.
+KERNEL_MODULES = ("ipykernel_launcher", "ipykernel")
+
+# Imported by the server before it forks anything: what every kernel imports
+# while it initialises (measured: the modules IPKernelApp.initialize() loads
+# after ``import ipykernel.kernelapp``; debugpy alone is ~0.18 s), none of which
+# starts a thread or creates a zmq context at import.
+_PRELOAD = (
+    "ipykernel.kernelapp",
+    "ipykernel.debugger",
+    "IPython.core.completerlib",
+    "IPython.core.debugger",
+    "IPython.core.oinspect",
+    "IPython.extensions.storemagic",
+    "tornado.gen",
+    "tornado.queues",
+    "tornado.platform.asyncio",
+    "psutil",
+    "sqlite3",
+    "faulthandler",
+)
+
+# Environment variables read only at process start (by the interpreter, the C
+# runtime, or a preloaded module at import): a forked kernel cannot honour a
+# change to them, so a request that differs from the server's start environment
+# in any of them must get an ordinary kernel instead.
+_INTERPRETER_ENV_PREFIXES = ("PYTHON", "LD_", "LC_", "DEBUGPY_", "PYDEVD_")
+_INTERPRETER_ENV_NAMES = ("LANG",)
+# jupyter_client strips this one from every kernel's environment.
+_IGNORED_ENV_NAMES = ("PYTHONEXECUTABLE",)
+
+# The server is started by file path so that ``import nbflow`` never runs in it.
+_BOOTSTRAP = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location('_nbflow_forkserver', sys.argv[1])\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "sys.modules[spec.name] = module\n"
+    "spec.loader.exec_module(module)\n"
+    "module.serve(int(sys.argv[2]))\n"
+)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ForkServerError(Exception):
+    """The fork server cannot serve a request; the caller should start an ordinary kernel.
+
+    ``reason`` says why in words (it ends up in ``StartedKernel.fallback_reason``).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (self.reason,))
+
+
+def interpreter_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``env`` that only takes effect when an interpreter starts."""
+    return {
+        name: value
+        for name, value in env.items()
+        if (name.startswith(_INTERPRETER_ENV_PREFIXES) or name in _INTERPRETER_ENV_NAMES)
+        and name not in _IGNORED_ENV_NAMES
+    }
+
+
+# --------------------------------------------------------------------------
+# Driver side
+# --------------------------------------------------------------------------
+
+
+class ForkedKernel:
+    """Driver-side handle of one forked kernel: its pid and the connection that keeps it alive.
+
+    The kernel is not our child, so its exit status comes from the server over
+    the connection. Closing the handle makes the server kill the kernel's
+    process group if it is still running.
+    """
+
+    def __init__(self, sock: socket.socket, pid: int, buffered: bytes) -> None:
+        self.pid = pid
+        self._sock = sock
+        self._buffer = buffered
+        self._returncode: int | None = None
+        self._parse()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
+
+    def poll(self) -> int | None:
+        """The kernel's exit code (negative: killed by that signal), or None while it runs."""
+        while self._returncode is None and self._sock.fileno() != -1:
+            try:
+                chunk = self._sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                chunk = b""
+            self._feed(chunk)
+        return self._returncode
+
+    async def wait(self) -> int:
+        """Wait until the kernel process has exited; return its exit code."""
+        loop = asyncio.get_running_loop()
+        while self.poll() is None:
+            try:
+                chunk = await loop.sock_recv(self._sock, 4096)
+            except OSError:
+                chunk = b""
+            self._feed(chunk)
+        assert self._returncode is not None
+        return self._returncode
+
+    def close(self) -> None:
+        """Drop the connection; the server kills the kernel's process group if it still runs."""
+        self._sock.close()
+
+    def _feed(self, chunk: bytes) -> None:
+        if not chunk:
+            # The server is gone; it killed its kernels on the way out (or, if it
+            # was killed itself, PR_SET_PDEATHSIG did).
+            self._returncode = -signal.SIGKILL
+            self._sock.close()
+            return
+        self._buffer += chunk
+        self._parse()
+
+    def _parse(self) -> None:
+        while b"\n" in self._buffer and self._returncode is None:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            message = json.loads(line)
+            if "exit" in message:
+                self._returncode = int(message["exit"])
+                self._sock.close()
+
+
+class ForkServer:
+    """Driver-side owner of one fork-server process, started lazily and thread-safely.
+
+    The server is valid only for this interpreter (``sys.executable``) and for
+    the interpreter-level environment (:func:`interpreter_env`) it was started
+    with; :meth:`unsupported_reason` tells when a request falls outside that.
+    :meth:`shutdown` (also run at interpreter exit) kills every kernel it forked.
+    """
+
+    def __init__(self, *, connect_timeout: float = 60.0) -> None:
+        self._connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._directory: str | None = None
+        self._socket_path: str | None = None
+        self._interpreter_env: dict[str, str] = {}
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid once started."""
+        return None if self._process is None else self._process.pid
+
+    def start(self) -> None:
+        """Start the server process unless it runs already (returns without waiting for it)."""
+        with self._lock:
+            if self._closed:
+                raise ForkServerError("the fork server has been shut down")
+            if self._process is not None:
+                returncode = self._process.poll()
+                if returncode is not None:
+                    raise ForkServerError(f"the fork server exited unexpectedly (exit code {returncode})")
+                return
+            self._spawn()
+
+    def unsupported_reason(self, executable: str, env: Mapping[str, str]) -> str | None:
+        """Why a kernel running ``executable`` with ``env`` cannot be forked here, or None."""
+        if os.path.normpath(executable) != os.path.normpath(sys.executable):
+            return f"the kernel runs {executable}, the fork server runs {sys.executable}"
+        self.start()
+        requested = interpreter_env(env)
+        differing = sorted(
+            name
+            for name in set(requested) | set(self._interpreter_env)
+            if requested.get(name) != self._interpreter_env.get(name)
+        )
+        if differing:
+            return (
+                "environment variables read at interpreter start differ from the fork server's: "
+                + ", ".join(differing)
+            )
+        return None
+
+    async def fork_kernel(self, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> ForkedKernel:
+        """Fork a kernel running ``argv`` (``python -m ipykernel_launcher ...``) in ``cwd`` with ``env``."""
+        self.start()
+        assert self._socket_path is not None
+        request = json.dumps({"argv": list(argv), "cwd": cwd, "env": dict(env)}).encode() + b"\n"
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, self._socket_path)
+            await loop.sock_sendall(sock, request)
+            reply = await asyncio.wait_for(self._read_line(sock), self._connect_timeout)
+        except asyncio.TimeoutError:
+            sock.close()
+            raise ForkServerError(
+                f"the fork server did not answer within {self._connect_timeout:g} s"
+            ) from None
+        except OSError as error:
+            sock.close()
+            raise ForkServerError(f"cannot reach the fork server: {error}") from error
+        except BaseException:
+            sock.close()
+            raise
+        line, rest = reply.split(b"\n", 1)
+        message = json.loads(line)
+        if "pid" not in message:
+            sock.close()
+            raise ForkServerError(f"the fork server refused the kernel: {message.get('error')}")
+        return ForkedKernel(sock, int(message["pid"]), rest)
+
+    def shutdown(self) -> None:
+        """Stop the server; it kills the process group of every kernel it forked."""
+        with self._lock:
+            self._closed = True
+            process, self._process = self._process, None
+            atexit.unregister(self.shutdown)
+            if process is not None:
+                assert process.stdin is not None
+                process.stdin.close()  # EOF: the server kills its kernels and exits
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if self._directory is not None:
+                shutil.rmtree(self._directory, ignore_errors=True)
+                self._directory = None
+
+    def _spawn(self) -> None:
+        directory = tempfile.mkdtemp(prefix="nbflow-forkserver-")  # mode 0700: only we can connect
+        socket_path = os.path.join(directory, "socket")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(socket_path)
+            # Listening before the server exists lets requests queue up while it
+            # is still importing ipykernel.
+            listener.listen(64)
+            env = dict(os.environ)
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP, os.path.abspath(__file__), str(listener.fileno())],
+                stdin=subprocess.PIPE,  # the server exits when this pipe closes
+                env=env,
+                pass_fds=(listener.fileno(),),
+                start_new_session=True,  # Ctrl-C in a terminal is for the driver, not the server
+            )
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        finally:
+            listener.close()
+        self._directory = directory
+        self._socket_path = socket_path
+        self._interpreter_env = interpreter_env(env)
+        atexit.register(self.shutdown)
+
+    async def _read_line(self, sock: socket.socket) -> bytes:
+        loop = asyncio.get_running_loop()
+        buffer = b""
+        while b"\n" not in buffer:
+            chunk = await loop.sock_recv(sock, 4096)
+            if not chunk:
+                returncode = None if self._process is None else self._process.poll()
+                raise ForkServerError(
+                    "the fork server closed the connection"
+                    + ("" if returncode is None else f" (it exited with code {returncode})")
+                )
+            buffer += chunk
+        return buffer
+
+
+class ForkServerProvisioner(LocalProvisioner):  # type: ignore[misc]
+    """Launches a kernel through a :class:`ForkServer` instead of ``Popen``.
+
+    Everything before the launch (ports, connection file, command line) is
+    LocalProvisioner's; the process is tracked through its :class:`ForkedKernel`
+    and signalled as a process group, like LocalProvisioner does. Set
+    :attr:`fork_server` before the manager starts the kernel.
+    """
+
+    fork_server: ForkServer | None = None
+    forked: ForkedKernel | None = None
+
+    @property
+    def has_process(self) -> bool:
+        return self.forked is not None
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        if self.fork_server is None:
+            raise ForkServerError("no fork server was given to the provisioner")
+        if len(cmd) < 3 or cmd[1] != "-m" or cmd[2] not in KERNEL_MODULES:
+            raise ForkServerError(f"the kernel command {cmd} is not 'python -m ipykernel_launcher'")
+        env = dict(kwargs.get("env") or os.environ)
+        env["JPY_PARENT_PID"] = str(os.getpid())  # as jupyter_client's launcher sets it
+        reason = self.fork_server.unsupported_reason(cmd[0], env)
+        if reason is not None:
+            raise ForkServerError(reason)
+        cwd = str(kwargs.get("cwd") or os.getcwd())
+        self.forked = await self.fork_server.fork_kernel(cmd, cwd, env)
+        self.pid = self.pgid = self.forked.pid
+        self.cwd = cwd
+        return self.connection_info
+
+    async def poll(self) -> int | None:
+        return 0 if self.forked is None else self.forked.poll()
+
+    async def wait(self) -> int | None:
+        if self.forked is None:
+            return 0
+        returncode = await self.forked.wait()
+        self.forked.close()
+        self.forked = None
+        return returncode
+
+    async def send_signal(self, signum: int) -> None:
+        """Signal the kernel's process group (the kernel and whatever it spawned)."""
+        if self.forked is not None and self.pgid:
+            os.killpg(self.pgid, signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        await self._signal_if_running(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self._signal_if_running(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart=restart)
+        if self.forked is not None:
+            self.forked.close()
+            self.forked = None
+
+    async def _signal_if_running(self, signum: int) -> None:
+        try:
+            await self.send_signal(signum)
+        except ProcessLookupError:
+            pass  # already gone
+
+
+# --------------------------------------------------------------------------
+# Server side (runs in the fork-server process)
+# --------------------------------------------------------------------------
+
+
+def serve(listen_fd: int) -> None:
+    """Run the fork server on the listening Unix socket ``listen_fd`` until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # ``python -c`` put '' first; a kernel gets its own cwd entry from IPython.
+    base_path = [entry for entry in sys.path if entry != ""]
+    env_before = dict(os.environ)
+    _preload()
+    # What the imports set in os.environ (debugpy does) is what they would have
+    # set in an ordinary kernel: children re-apply it over their requested env.
+    env_from_imports = {
+        name: value for name, value in os.environ.items() if env_before.get(name) != value
+    }
+    _Server(socket.socket(fileno=listen_fd), base_path, env_from_imports).run()
+
+
+def _preload() -> None:
+    import gc
+    import importlib
+
+    # Import-time chatter (debugpy warns about frozen modules) is swallowed, as
+    # an ordinary kernel swallows it into its not-yet-connected output stream.
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        for module in _PRELOAD:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass  # an optional speed-up only; the kernel imports what it needs
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+    gc.collect()
+    gc.freeze()  # keep the shared pages shared: the children's GC never touches them
+
+
+class _Server:
+    def __init__(
+        self, listener: socket.socket, base_path: list[str], env_from_imports: dict[str, str]
+    ) -> None:
+        self._listener = listener
+        self._base_path = base_path
+        self._env_from_imports = env_from_imports
+        self._pid = os.getpid()
+        self._selector = selectors.DefaultSelector()
+        self._requests: dict[socket.socket, bytes] = {}  # connection -> bytes read so far
+        self._kernels: dict[int, socket.socket | None] = {}  # pid -> its connection, if open
+        self._wake_read, self._wake_write = os.pipe()
+        self._running = True
+
+    def run(self) -> None:
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        signal.set_wakeup_fd(self._wake_write)
+        signal.signal(signal.SIGCHLD, _ignore_signal)
+        signal.signal(signal.SIGTERM, _ignore_signal)
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
+        self._selector.register(0, selectors.EVENT_READ, self._driver_readable)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, self._signalled)
+        try:
+            while self._running:
+                for key, _ in self._selector.select():
+                    key.data(key.fileobj)
+        finally:
+            self._kill_all()
+
+    # -- events ---------------------------------------------------------------
+
+    def _accept(self, _: Any) -> None:
+        try:
+            connection, _address = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        connection.setblocking(False)
+        self._requests[connection] = b""
+        self._selector.register(connection, selectors.EVENT_READ, self._connection_readable)
+
+    def _driver_readable(self, _: Any) -> None:
+        if not os.read(0, 4096):
+            self._running = False  # the driver closed our stdin or died
+
+    def _signalled(self, _: Any) -> None:
+        try:
+            signals = os.read(self._wake_read, 4096)
+        except BlockingIOError:
+            signals = b""
+        if signal.SIGTERM in signals:
+            self._running = False
+        self._reap()
+
+    def _connection_readable(self, connection: socket.socket) -> None:
+        try:
+            chunk = connection.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if connection in self._requests:
+            if not chunk:
+                self._drop(connection)
+                return
+            buffer = self._requests[connection] + chunk
+            self._requests[connection] = buffer
+            if b"\n" in buffer:
+                del self._requests[connection]
+                self._fork(connection, buffer.split(b"\n", 1)[0])
+        elif not chunk:
+            # The driver let go of this kernel: kill it with everything it spawned.
+            for pid, kernel_connection in self._kernels.items():
+                if kernel_connection is connection:
+                    _kill_group(pid)
+                    self._kernels[pid] = None
+                    break
+            self._drop(connection)
+
+    # -- actions --------------------------------------------------------------
+
+    def _fork(self, connection: socket.socket, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+            argv = [str(arg) for arg in request["argv"]]
+            cwd = str(request["cwd"])
+            env = {str(name): str(value) for name, value in request["env"].items()}
+            if len(argv) < 3 or argv[1] != "-m" or argv[2] not in KERNEL_MODULES:
+                raise ValueError(f"not an ipykernel command line: {argv}")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            self._send(connection, {"error": f"bad request: {error}"})
+            self._drop(connection)
+            return
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        try:
+            pid = os.fork()
+        except OSError as error:
+            self._send(connection, {"error": f"fork failed: {error}"})
+            self._drop(connection)
+            return
+        if pid == 0:
+            self._become_kernel(connection, argv, cwd, env)  # never returns
+        self._kernels[pid] = connection
+        self._send(connection, {"pid": pid})
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            connection = self._kernels.pop(pid, None)
+            if connection is not None:
+                self._send(connection, {"exit": os.waitstatus_to_exitcode(status)})
+                self._drop(connection)
+
+    def _kill_all(self) -> None:
+        for pid in self._kernels:
+            _kill_group(pid)
+        for pid in list(self._kernels):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        for connection in [*self._requests, *filter(None, self._kernels.values())]:
+            connection.close()
+        self._kernels.clear()
+        self._requests.clear()
+        path = self._listener.getsockname()
+        self._listener.close()
+        if isinstance(path, str) and path:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+    def _send(self, connection: socket.socket, message: dict[str, Any]) -> None:
+        try:
+            connection.send(json.dumps(message).encode() + b"\n")
+        except OSError:
+            pass  # the driver is gone; its connection will read as closed
+
+    def _drop(self, connection: socket.socket) -> None:
+        self._requests.pop(connection, None)
+        self._selector.unregister(connection)
+        connection.close()
+
+    # -- in the forked child --------------------------------------------------
+
+    def _become_kernel(
+        self, connection: socket.socket, argv: list[str], cwd: str, env: dict[str, str]
+    ) -> None:
+        code: Any = 1
+        try:
+            os.setsid()  # own process group: interrupts and kills reach the kernel and its children
+            _set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != self._pid:
+                os._exit(1)  # the server died before the death signal was armed
+            connection.close()
+            self._leave_server()
+            _prepare_process(cwd, {**self._env_from_imports, **env}, self._base_path)
+            code = _run_kernel_app(argv, parent_pid=self._pid)
+        except SystemExit as exit_:
+            code = exit_.code
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(_exit_status(code))
+
+    def _leave_server(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._selector.close()
+        self._listener.close()
+        for connection in [*self._requests, *filter(None, self._kernels.values())]:
+            connection.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        # stdin is the driver's liveness pipe; a kernel reads nothing from stdin.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        sys.modules.pop("_nbflow_forkserver", None)
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """Python-level handler so the signal reaches the wakeup fd."""
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+
+
+def _prepare_process(cwd: str, env: Mapping[str, str], base_path: list[str]) -> None:
+    """Make this forked process look like a fresh ``python -m ipykernel_launcher`` in ``cwd``."""
+    import importlib
+    import time
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    time.tzset()
+    # As ipykernel_launcher leaves it; IPython then inserts '' (the cwd) before
+    # site-packages, exactly as in an ordinary kernel.
+    sys.path[:] = base_path
+    importlib.invalidate_caches()
+    # ``random`` reseeds itself in a forked child (os.register_at_fork); numpy
+    # and other user-level libraries are never imported by the server.
+
+
+def _run_kernel_app(argv: list[str], *, parent_pid: int) -> Any:
+    import importlib.util
+
+    from ipykernel.kernelapp import IPKernelApp
+
+    module = argv[2]
+    spec = importlib.util.find_spec(f"{module}.__main__" if module == "ipykernel" else module)
+    sys.argv = [spec.origin if spec and spec.origin else module, *argv[3:]]
+    # parent_handle is read from JPY_PARENT_PID when ipykernel is imported, i.e.
+    # in the server: pass it explicitly so the poller watches the server, our parent.
+    IPKernelApp.launch_instance(argv=[*argv[3:], f"--IPKernelApp.parent_handle={parent_pid}"])
+    return 0
+
+
+def _exit_status(code: Any) -> int:
+    """Run exit handlers like a normal interpreter exit; return the process exit status."""
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BaseException:
+            pass
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    return 1

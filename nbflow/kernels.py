@@ -1,0 +1,407 @@
+"""Fresh Jupyter kernels for steps, started fast and stopped completely.
+
+This module owns
+- :class:`KernelRequest`, what a step needs from a kernel (name, working
+  directory, extra environment), and :class:`KernelStartError`;
+- whether a kernel is installed (kernel specs only, nothing is started);
+- :func:`start_kernel`: a kernel whose client is connected and ready, forked
+  from the fork server (:mod:`nbflow.forkserver`) when the kernel spec runs this
+  very interpreter with ipykernel, an ordinary jupyter_client
+  ``AsyncKernelManager`` kernel otherwise or when forking fails;
+- :class:`StartedKernel`, whose :meth:`~StartedKernel.stop` kills the kernel's
+  whole process group at once;
+- :class:`KernelPool`, which starts kernels ahead of time for steps about to run.
+
+It never executes notebook cells (the executor drives nbclient with
+``StartedKernel.km`` / ``.kc``), never reuses a kernel for a second step, and
+never prints. jupyter_client and zmq are imported only when a kernel is needed.
+Set ``NBFLOW_FORKSERVER=0`` to always start ordinary kernels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from jupyter_client.asynchronous import AsyncKernelClient
+    from jupyter_client.kernelspec import KernelSpec
+    from jupyter_client.manager import AsyncKernelManager
+
+    from nbflow.forkserver import ForkServer
+
+__all__ = [
+    "FORKSERVER_ENV",
+    "KernelPool",
+    "KernelRequest",
+    "KernelStartError",
+    "StartedKernel",
+    "installed_kernels",
+    "kernel_installed",
+    "start_kernel",
+]
+
+#: Environment variable that disables the fork server when set to 0 / false / no / off.
+FORKSERVER_ENV = "NBFLOW_FORKSERVER"
+
+#: Seconds a kernel may take from launch to answering kernel_info.
+STARTUP_TIMEOUT = 60.0
+
+# zmq retries a refused connection every 100 ms by default; a kernel binds its
+# ports a few ms after it is launched, so retry much sooner.
+_RECONNECT_INTERVAL_MS = 5
+# iopub drops what the kernel publishes before our subscription reaches it:
+# once kernel_info has been answered, ask again this often until an idle status
+# for one of our requests shows that iopub is connected too.
+_RESEND_INTERVAL = 0.01
+# How often a starting kernel is checked for having died.
+_ALIVE_CHECK_INTERVAL = 0.05
+# stop(): poll interval, and the longest wait for a SIGKILLed process to go.
+_EXIT_POLL_INTERVAL = 0.005
+_EXIT_TIMEOUT = 5.0
+
+_PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}
+
+
+@dataclass(frozen=True)
+class KernelRequest:
+    """The kernel a step runs in: which kernel, in which directory, with which extra environment."""
+
+    kernel_name: str
+    cwd: str
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class KernelStartError(Exception):
+    """A kernel could not be started; the message says why and how to fix it."""
+
+    def __init__(self, kernel_name: str, message: str) -> None:
+        super().__init__(message)
+        self.kernel_name = kernel_name
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.kernel_name, self.message))
+
+
+def installed_kernels() -> list[str]:
+    """Names of the installed kernels (kernel specs), sorted."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return sorted(KernelSpecManager().find_kernel_specs())
+
+
+def kernel_installed(kernel_name: str) -> bool:
+    """Whether a kernel spec named ``kernel_name`` is installed (no kernel is started)."""
+    return kernel_name in installed_kernels()
+
+
+@dataclass
+class StartedKernel:
+    """A running kernel with a connected, ready client. Use it for one step, then :meth:`stop` it."""
+
+    km: AsyncKernelManager
+    kc: AsyncKernelClient
+    mode: str  # "forkserver" or "ordinary"
+    fallback_reason: str | None
+    pid: int
+    _stopped: bool = field(default=False, init=False, repr=False)
+
+    async def stop(self) -> None:
+        """Kill the kernel and everything it spawned (SIGKILL to its process group), release its resources.
+
+        Quick by design: no shutdown request, no grace period; the executed
+        notebook lives in the driver and is saved already.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self.kc.stop_channels()
+        await _kill_and_release(self.km)
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell (SIGINT to the kernel's process group)."""
+        await self.km.interrupt_kernel()
+
+
+async def start_kernel(request: KernelRequest, *, use_forkserver: bool = True) -> StartedKernel:
+    """Start a fresh kernel for ``request`` and return it connected and ready.
+
+    Forks it from this process's fork server when ``use_forkserver`` (and
+    ``NBFLOW_FORKSERVER`` is not 0) and the kernel spec runs this interpreter
+    with ipykernel; otherwise, or when forking fails for any reason, starts an
+    ordinary kernel and records why in ``fallback_reason``.
+    """
+    disabled = _forkserver_disabled_reason(use_forkserver)
+    server = None if disabled else _shared_fork_server()
+    return await _start(request, server, disabled)
+
+
+class KernelPool:
+    """Starts kernels ahead of time for steps about to become ready (bounded).
+
+    All methods are called from ONE asyncio event loop (the executor's). Each
+    prestarted kernel belongs to one step key and is handed out at most once;
+    the pool owns its fork server (started on first use) and stops it in :meth:`close`.
+    """
+
+    def __init__(self, *, max_prestarted: int, use_forkserver: bool = True) -> None:
+        self._max_prestarted = max_prestarted
+        self._use_forkserver = use_forkserver
+        self._fork_server: ForkServer | None = None
+        self._prestarted: dict[str, tuple[KernelRequest, asyncio.Task[StartedKernel]]] = {}
+        self._closed = False
+
+    def prestart(self, key: str, request: KernelRequest) -> None:
+        """Start a kernel for step ``key`` in the background (no-op if full, present or closed)."""
+        if self._closed or key in self._prestarted or len(self._prestarted) >= self._max_prestarted:
+            return
+        task = asyncio.get_running_loop().create_task(self._start(request), name=f"prestart kernel for {key}")
+        self._prestarted[key] = (request, task)
+
+    async def acquire(self, key: str, request: KernelRequest) -> StartedKernel:
+        """The kernel prestarted for ``key`` if it was started for an equal request, else a new one."""
+        if self._closed:
+            raise RuntimeError("the kernel pool is closed")
+        prestarted = self._prestarted.pop(key, None)
+        if prestarted is not None:
+            prestarted_request, task = prestarted
+            if prestarted_request == request:
+                try:
+                    return await task
+                except KernelStartError:
+                    pass  # start again below: the failure may have been transient
+            else:
+                await _discard_start(task)
+        return await self._start(request)
+
+    async def close(self) -> None:
+        """Stop every kernel started ahead of time and not acquired; shut down the fork server.
+
+        Shutting down the fork server kills the kernels it forked, so a kernel
+        acquired from this pool and not stopped yet does not outlive the pool either.
+        """
+        self._closed = True
+        prestarted, self._prestarted = self._prestarted, {}
+        await asyncio.gather(*(_discard_start(task) for _, task in prestarted.values()))
+        if self._fork_server is not None:
+            self._fork_server.shutdown()
+
+    async def _start(self, request: KernelRequest) -> StartedKernel:
+        disabled = _forkserver_disabled_reason(self._use_forkserver)
+        if disabled is None and self._fork_server is None:
+            from nbflow.forkserver import ForkServer
+
+            self._fork_server = ForkServer()
+        return await _start(request, None if disabled else self._fork_server, disabled)
+
+
+# --------------------------------------------------------------------------
+# Starting
+# --------------------------------------------------------------------------
+
+_shared_server: ForkServer | None = None
+_shared_server_lock = threading.Lock()
+
+
+def _shared_fork_server() -> ForkServer:
+    """The fork server :func:`start_kernel` uses: one per process, shut down at exit."""
+    global _shared_server
+    with _shared_server_lock:
+        if _shared_server is None:
+            from nbflow.forkserver import ForkServer
+
+            _shared_server = ForkServer()
+        return _shared_server
+
+
+def _forkserver_disabled_reason(use_forkserver: bool) -> str | None:
+    if not use_forkserver:
+        return "fork server not requested (use_forkserver=False)"
+    if os.environ.get(FORKSERVER_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return f"fork server disabled by {FORKSERVER_ENV}={os.environ[FORKSERVER_ENV]}"
+    return None
+
+
+async def _start(request: KernelRequest, server: ForkServer | None, fallback_reason: str | None) -> StartedKernel:
+    spec = _kernel_spec(request.kernel_name)
+    if not os.path.isdir(request.cwd):
+        raise KernelStartError(
+            request.kernel_name,
+            f"cannot start kernel '{request.kernel_name}': its working directory {request.cwd} does not exist",
+        )
+    env = {**os.environ, **request.env}
+    if server is not None:
+        fallback_reason = _unforkable_reason(spec)
+        if fallback_reason is None:
+            from nbflow.forkserver import ForkServerError
+
+            try:
+                return await _launch(request, env, server, None)
+            except ForkServerError as error:
+                fallback_reason = error.reason
+            except KernelStartError as error:
+                fallback_reason = f"the forked kernel failed to start: {error.message}"
+    return await _launch(request, env, None, fallback_reason)
+
+
+def _kernel_spec(kernel_name: str) -> KernelSpec:
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    manager = KernelSpecManager()
+    try:
+        return manager.get_kernel_spec(kernel_name)
+    except NoSuchKernel:
+        installed = ", ".join(sorted(manager.find_kernel_specs())) or "none"
+        raise KernelStartError(
+            kernel_name,
+            f"kernel '{kernel_name}' is not installed; installed kernels: {installed} "
+            "(install it, e.g. with `python -m ipykernel install --user --name NAME`, "
+            "or choose an installed kernel)",
+        ) from None
+
+
+def _unforkable_reason(spec: KernelSpec) -> str | None:
+    """Why a kernel with this spec cannot come from this process's fork server, or None."""
+    from nbflow.forkserver import KERNEL_MODULES
+
+    if "kernel_provisioner" in (spec.metadata or {}):
+        return "the kernel spec names its own kernel provisioner"
+    argv = list(spec.argv)
+    if len(argv) < 3 or argv[1] != "-m" or argv[2] not in KERNEL_MODULES:
+        return f"the kernel spec runs {argv}, not 'python -m ipykernel_launcher'"
+    executable = sys.executable if argv[0] in _PYTHON_NAMES else argv[0]
+    if os.path.normpath(executable) != os.path.normpath(sys.executable):
+        return f"the kernel spec runs {argv[0]}, not this interpreter ({sys.executable})"
+    return None
+
+
+async def _launch(
+    request: KernelRequest, env: dict[str, str], server: ForkServer | None, fallback_reason: str | None
+) -> StartedKernel:
+    import zmq
+    from jupyter_client.manager import AsyncKernelManager
+
+    km = AsyncKernelManager(kernel_name=request.kernel_name)
+    if server is not None:
+        from nbflow.forkserver import ForkServerProvisioner
+
+        km.kernel_id = km.kernel_id or _new_kernel_id()
+        provisioner = ForkServerProvisioner(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
+        provisioner.fork_server = server
+        km.provisioner = provisioner
+    kc = None
+    try:
+        await km.start_kernel(cwd=request.cwd, env=env)
+        kc = km.client()
+        kc.context.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_INTERVAL_MS)
+        kc.start_channels(hb=False)  # liveness comes from the process, not heartbeats
+        await _wait_until_ready(km, kc, request.kernel_name)
+    except BaseException:
+        if kc is not None:
+            kc.stop_channels()
+        await _kill_and_release(km)
+        raise
+    assert km.provisioner is not None
+    pid = getattr(km.provisioner, "pid", None)
+    return StartedKernel(
+        km=km,
+        kc=kc,
+        mode="ordinary" if server is None else "forkserver",
+        fallback_reason=fallback_reason,
+        pid=int(pid) if pid is not None else -1,
+    )
+
+
+def _new_kernel_id() -> str:
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+async def _wait_until_ready(km: AsyncKernelManager, kc: AsyncKernelClient, kernel_name: str) -> None:
+    """Return once kernel_info has been answered on shell and its idle status seen on iopub.
+
+    No fixed sleeps: the first request waits in the shell socket's queue until
+    the kernel binds; only iopub can lose messages (before our subscription
+    arrives), so kernel_info is re-sent until an idle status comes through.
+    """
+    from queue import Empty
+
+    import zmq
+    from zmq.asyncio import Poller
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STARTUP_TIMEOUT
+    poller = Poller()
+    poller.register(kc.shell_channel.socket, zmq.POLLIN)
+    poller.register(kc.iopub_channel.socket, zmq.POLLIN)
+    requests = {kc.kernel_info()}
+    sent_at = loop.time()
+    next_alive_check = sent_at + _ALIVE_CHECK_INTERVAL
+    replied = idle = False
+    while not (replied and idle):
+        now = loop.time()
+        if now >= deadline:
+            raise KernelStartError(
+                kernel_name,
+                f"kernel '{kernel_name}' did not answer within {STARTUP_TIMEOUT:g} s of starting; "
+                "see its output on stderr",
+            )
+        if now >= next_alive_check:
+            if not await km.is_alive():
+                assert km.provisioner is not None
+                code = await km.provisioner.poll()
+                raise KernelStartError(
+                    kernel_name,
+                    f"kernel '{kernel_name}' died while starting (exit code {code}); see its output on stderr",
+                )
+            next_alive_check = now + _ALIVE_CHECK_INTERVAL
+        if replied and now - sent_at >= _RESEND_INTERVAL:
+            requests.add(kc.kernel_info())
+            sent_at = now
+        wake_at = min(deadline, next_alive_check, sent_at + _RESEND_INTERVAL if replied else deadline)
+        await poller.poll(max(1, int((wake_at - now) * 1000) + 1))
+        for channel in (kc.shell_channel, kc.iopub_channel):
+            while True:
+                try:
+                    message = await channel.get_msg(timeout=0)
+                except Empty:
+                    break
+                if message["parent_header"].get("msg_id") not in requests:
+                    continue
+                if message["msg_type"] == "kernel_info_reply":
+                    replied = True
+                elif message["msg_type"] == "status" and message["content"].get("execution_state") == "idle":
+                    idle = True
+
+
+async def _kill_and_release(km: AsyncKernelManager) -> None:
+    """SIGKILL the kernel's process group, wait briefly for it to go, free ports, files and sockets."""
+    provisioner = km.provisioner
+    if provisioner is not None and provisioner.has_process:
+        try:
+            await provisioner.kill()
+        except (OSError, ValueError):
+            pass  # already gone
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _EXIT_TIMEOUT
+        while await provisioner.poll() is None and loop.time() < deadline:
+            await asyncio.sleep(_EXIT_POLL_INTERVAL)
+        if await provisioner.poll() is not None:
+            await provisioner.wait()
+    await km.cleanup_resources()
+
+
+async def _discard_start(task: asyncio.Task[StartedKernel]) -> None:
+    """Stop the kernel a start task produced, cancelling the start if it is still running."""
+    if not task.done():
+        task.cancel()
+    await asyncio.wait([task])
+    if task.cancelled() or task.exception() is not None:
+        return  # a cancelled or failed start cleans up after itself
+    await task.result().stop()

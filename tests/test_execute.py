@@ -1,0 +1,133 @@
+"""Running pipelines end to end: outputs, incremental reruns and their reasons, failures, values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import nbflow
+from nbflow.events import CellFinished, RunFinished, StepStarted, StepStatus, StepSucceeded
+
+
+def statuses(result):
+    return {name: s.status.value for name, s in result.steps.items()}
+
+
+def test_diamond_runs_then_skips_then_reruns_only_what_changed(fixture_pipeline, notebook_factory):
+    root = fixture_pipeline("diamond")
+    events = []
+    first = nbflow.run(root, listeners=[events.append], display=False)
+    assert first.ok, first.to_json()
+    assert (root / "data" / "d.txt").read_text() == "43|c42"
+    assert (root / "data" / "e.txt").read_text() == "sub"  # cwd is the notebook's own folder
+    assert statuses(first) == dict.fromkeys(["a", "b", "c", "d", "sub/e"], "succeeded")
+    assert [type(e).__name__ for e in events][0] == "RunStarted" and isinstance(events[-1], RunFinished)
+    assert any(isinstance(e, CellFinished) and e.step == "a" for e in events)
+    for name in first.steps:
+        assert (root / first.steps[name].notebook).exists()
+        assert (root / "_nbflow" / "latest" / f"{name}.ipynb").exists()
+
+    second = nbflow.run(root, display=False)
+    assert set(statuses(second).values()) == {"skipped"}
+
+    # edit c: c and d rerun, nothing else
+    notebook_factory(root / "c.ipynb", 'inputs = {"a": "data/a.txt"}\noutputs = {"c": "data/c.txt"}\nlabel = "c"',
+                     'open(outputs["c"], "w").write(label.upper() + open(inputs["a"]).read())')
+    states = {s.name: s for s in nbflow.Pipeline(root).status()}
+    assert states["c"].state == "stale" and "cell 2 changed" in states["c"].reasons
+    assert states["d"].state == "stale" and "upstream c reruns" in states["d"].reasons
+    assert states["a"].state == states["b"].state == "fresh"
+    third = nbflow.run(root, display=False)
+    assert {n for n, s in statuses(third).items() if s == "succeeded"} == {"c", "d"}
+    assert (root / "data" / "d.txt").read_text() == "43|C42"
+
+
+def test_parameter_override_reruns_the_right_steps_and_changes_the_result(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    assert nbflow.run(root, display=False).ok
+    result = nbflow.run(root, parameters={"b.offset": 100}, display=False)
+    assert {n for n, s in statuses(result).items() if s == "succeeded"} == {"b", "d"}
+    assert (root / "data" / "d.txt").read_text() == "142|c42"
+    reasons = {s.name: s.reasons for s in nbflow.Pipeline(root).status()}
+    assert "parameter offset 100 -> 1" in reasons["b"]  # without the override it is stale again
+
+
+def test_running_a_step_runs_what_it_needs(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    result = nbflow.run(root, ["b"], display=False)
+    assert statuses(result) == {"a": "succeeded", "b": "succeeded"}
+
+
+def test_upstream_rerun_with_identical_output_skips_downstream(fixture_pipeline, notebook_factory):
+    root = fixture_pipeline("diamond")
+    assert nbflow.run(root, display=False).ok
+    # a comment-only change: a reruns but writes the same bytes
+    notebook_factory(root / "a.ipynb", 'inputs = {"seed": "data/seed.txt"}\noutputs = {"a": "data/a.txt"}\nscale = 2',
+                     '# same result\nn = int(open(inputs["seed"]).read())\nopen(outputs["a"], "w").write(str(n * scale))')
+    result = nbflow.run(root, display=False)
+    assert result.steps["a"].status == StepStatus.SUCCEEDED
+    assert result.steps["b"].status == StepStatus.SKIPPED
+    assert "inputs unchanged" in result.steps["b"].reasons[0]
+
+
+def test_failure_keeps_notebook_marks_dependents_and_resumes(fixture_pipeline, notebook_factory):
+    root = fixture_pipeline("step_raises")
+    result = nbflow.run(root, display=False)
+    assert statuses(result) == {"after_boom": "not_run", "boom": "failed", "ok": "succeeded"}
+    error = result.steps["boom"].error
+    assert (error.ename, error.cell, error.source_line) == ("ZeroDivisionError", 3, "y = 10 / value")
+    executed = json.loads((root / result.steps["boom"].notebook).read_text())
+    assert "An Exception was encountered" in executed["cells"][0]["source"]
+    assert executed["metadata"]["papermill"]["exception"] is True
+    # resume: fix the parameter; only boom and its dependent run
+    again = nbflow.run(root, parameters={"value": 5}, display=False)
+    assert statuses(again) == {"after_boom": "succeeded", "boom": "succeeded", "ok": "skipped"}
+
+
+def test_missing_declared_output_is_a_failure_naming_the_file(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "lazy.ipynb", 'outputs = {"report": "report.md"}', "x = 1")
+    result = nbflow.run(tmp_path, display=False)
+    error = result.steps["lazy"].error
+    assert error.kind == "missing_output" and "report.md was not written" in error.evalue
+
+
+def test_values_travel_between_steps_as_parquet(fixture_pipeline):
+    root = fixture_pipeline("values")
+    result = nbflow.run(root, display=False)
+    assert result.ok, result.to_json()
+    assert (root / "out.txt").read_text() == "5,4"
+    assert (root / "_nbflow" / "values" / "table").read_bytes()[:4] == b"PAR1"
+    injected = json.loads((root / result.steps["consume"].notebook).read_text())["cells"][1]
+    assert "injected-parameters" in injected["metadata"]["tags"]
+    assert "load_value('_nbflow/values/table')" in injected["source"]  # relative, never absolute
+    # the producer changes: the consumer reruns because its input value changed
+    again = nbflow.run(root, parameters={"n": 7}, display=False)
+    assert statuses(again) == {"consume": "succeeded", "produce": "succeeded"}
+    assert (root / "out.txt").read_text() == "7,6"
+
+
+def test_source_notebooks_are_never_modified(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    before = {p: p.read_bytes() for p in root.rglob("*.ipynb")}
+    nbflow.run(root, parameters={"scale": 3}, display=False)
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_events_carry_progress_and_fingerprint(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    events = []
+    nbflow.run(root, ["a"], listeners=[events.append], display=False)
+    started = next(e for e in events if isinstance(e, StepStarted))
+    assert started.total_cells == 2 and started.reasons == ("never run",)
+    done = next(e for e in events if isinstance(e, StepSucceeded))
+    assert len(done.fingerprint) == 64 and done.outputs[0].path == "data/a.txt"
+
+
+def test_invalid_pipeline_raises_before_any_kernel(fixture_pipeline):
+    with pytest.raises(nbflow.PipelineError) as err:
+        nbflow.run(fixture_pipeline("many_problems"), display=False)
+    text = str(err.value)
+    assert "no/such/file.csv, which does not exist" in text
+    assert "kernel 'no-such-kernel' is not installed" in text
+    assert "both write same.txt" in text and "not valid notebook JSON" in text

@@ -1,0 +1,98 @@
+"""The graph: edges from paths and values, and every problem reported at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from nbflow.errors import PipelineError
+from nbflow.graph import build_graph, resolve_parameters, select_steps
+from nbflow.params import CliValue, EnvRef, ValueRef
+
+
+def test_diamond_edges_order_and_not_steps(fixture_pipeline):
+    graph = build_graph(fixture_pipeline("diamond"))
+    assert graph.upstream == {"a": (), "b": ("a",), "c": ("a",), "d": ("b", "c"), "sub/e": ()}
+    order = list(graph.order)
+    assert order.index("a") < order.index("b") < order.index("d") and order.index("c") < order.index("d")
+    assert [n.name for n in graph.not_steps] == ["driver"]
+    assert graph.descendants(["a"]) == {"b", "c", "d"} and graph.ancestors(["d"]) == {"a", "b", "c"}
+    assert [r.label for r in graph.source_inputs("a")] == ["data/seed.txt"]
+
+
+def test_cycle_is_printed_as_a_path(fixture_pipeline):
+    with pytest.raises(PipelineError) as err:
+        build_graph(fixture_pipeline("cycle"))
+    message = str(err.value)
+    assert "cycle: " in message
+    path = message.split("cycle: ")[1].split(";")[0].split(" -> ")
+    assert path[0] == path[-1] and set(path) == {"x", "y", "z"}
+
+
+def test_every_problem_reported_together(fixture_pipeline):
+    with pytest.raises(PipelineError) as err:
+        build_graph(fixture_pipeline("many_problems"))
+    text = str(err.value)
+    assert "broken.ipynb:1: not valid notebook JSON" in text
+    assert "nonliteral.ipynb:2:" in text and "must be a literal" in text
+    assert "steps 'dup1' and 'dup2' both write same.txt" in text
+
+
+def test_state_folder_is_never_discovered(fixture_pipeline, notebook_factory):
+    root = fixture_pipeline("diamond")
+    notebook_factory(root / "_nbflow" / "runs" / "r1" / "a.ipynb", 'outputs = {"a": "zzz.txt"}')
+    notebook_factory(root / ".ipynb_checkpoints" / "a-checkpoint.ipynb", 'outputs = {"a": "data/a.txt"}')
+    assert "a" in build_graph(root).steps  # no duplicate step, no duplicate producer
+
+
+def test_include_exclude(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    (root / "nbflow.yaml").write_text("exclude: ['sub/*', 'driver.ipynb']\n")
+    graph = build_graph(root)
+    assert "sub/e" not in graph.steps and not graph.not_steps
+
+
+def test_unknown_yaml_step_and_parameter(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    (root / "nbflow.yaml").write_text("steps:\n  bb:\n    retries: 1\n  b:\n    parameters: {ofset: 2}\n")
+    with pytest.raises(PipelineError) as err:
+        build_graph(root)
+    text = str(err.value)
+    assert "nbflow.yaml:2: 'steps.bb' names no step (did you mean 'b'?)" in text
+    assert "step 'b' has no parameter 'ofset' (did you mean 'offset'?)" in text
+
+
+def test_select_steps_adds_what_they_need(fixture_pipeline):
+    graph = build_graph(fixture_pipeline("diamond"))
+    assert select_steps(graph, ["b"]) == ["a", "b"]
+    with pytest.raises(PipelineError, match="no step named 'dd' \\(did you mean 'd'\\?\\)"):
+        select_steps(graph, ["dd"])
+
+
+def test_parameters_precedence_and_errors(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    (root / "nbflow.yaml").write_text("steps:\n  b:\n    parameters: {offset: 5}\n")
+    graph = build_graph(root)
+    params = resolve_parameters(graph, {"scale": CliValue("3")})
+    assert params["a"] == {"scale": 3} and params["b"] == {"offset": 5} and params["c"] == {}
+    assert resolve_parameters(graph, {"b.offset": CliValue("7")})["b"] == {"offset": 7}
+    with pytest.raises(PipelineError) as err:
+        resolve_parameters(graph, {"scal": CliValue("3"), "a.scale": CliValue("big"), "zz.q": CliValue("1")})
+    text = str(err.value)
+    assert "no step has a parameter 'scal' (did you mean 'scale'?)" in text
+    assert "step 'a', parameter 'scale': expected int like the default 2, got 'big'" in text
+    assert "no step named 'zz'" in text
+
+
+def test_values_make_edges_and_inject_references(fixture_pipeline):
+    graph = build_graph(fixture_pipeline("values"))
+    assert graph.upstream["consume"] == ("produce",)
+    params = resolve_parameters(graph)
+    assert params["consume"]["table"] == ValueRef("_nbflow/values/table")
+
+
+def test_secret_parameters_become_environment_references(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "s.ipynb", 'outputs = {}\napi_token = "dev"\nuser = "me"')
+    (tmp_path / "nbflow.yaml").write_text("secrets: [user]\n")
+    graph = build_graph(tmp_path)
+    params = resolve_parameters(graph, {"api_token": CliValue("s3cr3t")})
+    assert params["s"] == {"api_token": EnvRef("NBFLOW_SECRET_API_TOKEN"), "user": EnvRef("NBFLOW_SECRET_USER")}

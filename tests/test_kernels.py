@@ -1,0 +1,369 @@
+"""Tests for nbflow.kernels: starting, stopping, falling back, pooling kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import pytest
+
+from nbflow import forkserver, kernels
+from nbflow.kernels import (
+    KernelPool,
+    KernelRequest,
+    KernelStartError,
+    StartedKernel,
+    installed_kernels,
+    kernel_installed,
+    start_kernel,
+)
+
+MODES = [pytest.param(True, id="forkserver"), pytest.param(False, id="ordinary")]
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def shut_down_shared_fork_server() -> Any:
+    """start_kernel's fork server lives until interpreter exit; end it with each test (no leaked process)."""
+    yield
+    server, kernels._shared_server = kernels._shared_server, None
+    if server is not None:
+        server.shutdown()
+
+
+async def execute(started: StartedKernel, code: str, timeout: float = 30.0) -> str:
+    """Run ``code`` in the kernel; return its stdout plus 'Ename: evalue' for an error."""
+    msg_id = started.kc.execute(code)
+    output = []
+    while True:
+        msg = await started.kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            output.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            output.append(f"{msg['content']['ename']}: {msg['content']['evalue']}")
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return "".join(output)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True) if not gone(p.pid)}
+
+
+def request(cwd: Path, **env: str) -> KernelRequest:
+    return KernelRequest(kernel_name="python3", cwd=str(cwd), env=env)
+
+
+@pytest.fixture
+def shell_wrapped_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A python kernel spec whose argv is not 'python -m ipykernel_launcher' (a shell wrapper)."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "wrapped"
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": ["/bin/sh", "-c", 'exec "$0" -m ipykernel_launcher -f "$1"', sys.executable, "{connection_file}"],
+        "display_name": "wrapped python",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return "wrapped"
+
+
+# -- installed kernels ----------------------------------------------------------
+
+
+def test_installed_kernels_lists_python3() -> None:
+    assert "python3" in installed_kernels()
+    assert kernel_installed("python3")
+    assert not kernel_installed("no-such-kernel")
+
+
+def test_unknown_kernel_error_names_the_kernel_and_the_installed_ones(tmp_path: Path) -> None:
+    with pytest.raises(KernelStartError) as raised:
+        asyncio.run(start_kernel(KernelRequest("ir", str(tmp_path), {})))
+    error = raised.value
+    assert error.kernel_name == "ir"
+    assert "kernel 'ir' is not installed; installed kernels: " in str(error)
+    assert "python3" in str(error)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.kernel_name, str(copy)) == ("ir", str(error))
+
+
+def test_missing_working_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(KernelStartError, match="does-not-exist does not exist"):
+        asyncio.run(start_kernel(request(tmp_path / "does-not-exist")))
+
+
+# -- modes and fallback ---------------------------------------------------------
+
+
+def test_forkserver_is_used_for_this_interpreters_python_kernel(tmp_path: Path) -> None:
+    async def main() -> None:
+        started = await start_kernel(request(tmp_path))
+        try:
+            assert (started.mode, started.fallback_reason) == ("forkserver", None)
+            assert started.pid == started.km.provisioner.pid
+            assert await started.km.is_alive()
+            assert started.km.has_kernel
+            assert await execute(started, "print(6 * 7)") == "42\n"
+        finally:
+            await started.stop()
+
+    asyncio.run(main())
+
+
+def test_use_forkserver_false_gives_an_ordinary_kernel(tmp_path: Path) -> None:
+    async def main() -> None:
+        started = await start_kernel(request(tmp_path), use_forkserver=False)
+        try:
+            assert started.mode == "ordinary"
+            assert "use_forkserver=False" in (started.fallback_reason or "")
+            assert psutil.Process(started.pid).ppid() == os.getpid()
+            assert await execute(started, "print(6 * 7)") == "42\n"
+        finally:
+            await started.stop()
+
+    asyncio.run(main())
+
+
+def test_environment_variable_disables_the_forkserver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NBFLOW_FORKSERVER", "0")
+
+    async def main() -> None:
+        started = await start_kernel(request(tmp_path))
+        try:
+            assert started.mode == "ordinary"
+            assert "NBFLOW_FORKSERVER=0" in (started.fallback_reason or "")
+        finally:
+            await started.stop()
+
+    asyncio.run(main())
+
+
+def test_kernel_spec_not_running_this_interpreter_falls_back(tmp_path: Path, shell_wrapped_kernel: str) -> None:
+    async def main() -> None:
+        started = await start_kernel(KernelRequest(shell_wrapped_kernel, str(tmp_path), {}))
+        try:
+            assert started.mode == "ordinary"
+            assert "not 'python -m ipykernel_launcher'" in (started.fallback_reason or "")
+            assert await execute(started, "print('ok')") == "ok\n"
+        finally:
+            await started.stop()
+
+    asyncio.run(main())
+
+
+def test_forkserver_failure_falls_back_to_an_ordinary_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise forkserver.ForkServerError("forced failure")
+
+    monkeypatch.setattr(forkserver.ForkServer, "fork_kernel", refuse)
+
+    async def main() -> None:
+        started = await start_kernel(request(tmp_path))
+        try:
+            assert (started.mode, started.fallback_reason) == ("ordinary", "forced failure")
+            assert await execute(started, "print('ok')") == "ok\n"
+        finally:
+            await started.stop()
+
+    asyncio.run(main())
+
+
+def test_kernel_that_dies_while_starting_raises_and_leaves_nothing(tmp_path: Path) -> None:
+    spec_dir = tmp_path / "jupyter" / "kernels" / "broken"
+    spec_dir.mkdir(parents=True)
+    argv = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.kernel_class=nope.Kernel"]
+    (spec_dir / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "broken", "language": "python"}))
+    before = descendants()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+        with pytest.raises(KernelStartError, match="kernel 'broken' died while starting") as raised:
+            asyncio.run(start_kernel(KernelRequest("broken", str(tmp_path), {})))
+    assert raised.value.kernel_name == "broken"
+    assert wait_until(lambda: descendants() <= before)
+
+
+# -- running and stopping -------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_forkserver", MODES)
+def test_interrupt_stops_a_sleeping_cell(tmp_path: Path, use_forkserver: bool) -> None:
+    async def main() -> None:
+        started = await start_kernel(request(tmp_path), use_forkserver=use_forkserver)
+        try:
+            msg_id = started.kc.execute("import time; time.sleep(100)")
+            while True:  # wait until the cell runs
+                msg = await started.kc.get_iopub_msg(timeout=10)
+                if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+                    break
+            await asyncio.sleep(0.2)
+            interrupted_at = time.monotonic()
+            await started.interrupt()
+            while True:
+                reply = await started.kc.get_shell_msg(timeout=10)
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    break
+            assert time.monotonic() - interrupted_at < 5
+            assert reply["content"]["status"] == "error"
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            assert await execute(started, "print('still alive')") == "still alive\n"
+        finally:
+            await started.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("use_forkserver", MODES)
+def test_stop_kills_the_kernel_and_its_subprocesses_quickly(tmp_path: Path, use_forkserver: bool) -> None:
+    async def main() -> tuple[int, int, str]:
+        started = await start_kernel(request(tmp_path), use_forkserver=use_forkserver)
+        try:
+            sleeper = int(await execute(started, "import subprocess; print(subprocess.Popen(['sleep', '100']).pid)"))
+            assert not gone(sleeper)
+            connection_file = started.km.connection_file
+        finally:
+            stopping = time.monotonic()
+            await started.stop()
+            assert time.monotonic() - stopping < 1.0
+        await started.stop()  # idempotent
+        return started.pid, sleeper, connection_file
+
+    kernel, sleeper, connection_file = asyncio.run(main())
+    assert wait_until(lambda: gone(kernel) and gone(sleeper))
+    assert not os.path.exists(connection_file)
+
+
+@pytest.mark.parametrize("use_forkserver", MODES)
+def test_nbclient_executes_cells_on_a_started_kernel(tmp_path: Path, use_forkserver: bool) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 41"), nbformat.v4.new_code_cell("print(x + 1)")])
+
+    async def main() -> None:
+        started = await start_kernel(request(tmp_path), use_forkserver=use_forkserver)
+        try:
+            client = NotebookClient(nb, km=started.km)
+            client.kc = started.kc
+            for index, cell in enumerate(nb.cells):
+                await client.async_execute_cell(cell, index, execution_count=index + 1)
+        finally:
+            await started.stop()
+
+    asyncio.run(main())
+    assert nb.cells[1].outputs[0]["text"] == "42\n"
+
+
+# -- the pool -----------------------------------------------------------------
+
+
+def test_pool_hands_out_the_prestarted_kernel_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=2)
+        try:
+            pool.prestart("a", request(tmp_path))
+            await asyncio.sleep(0)
+            started_before = time.monotonic()
+            while len(descendants()) < 2:  # the fork server and the kernel for "a"
+                await asyncio.sleep(0.01)
+                assert time.monotonic() - started_before < 30
+            prestarted_pids = descendants()
+            first = await pool.acquire("a", request(tmp_path))
+            assert first.pid in prestarted_pids
+            second = await pool.acquire("a", request(tmp_path))
+            assert second.pid != first.pid  # a fresh kernel every time
+            await first.stop()
+            await second.stop()
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_pool_discards_a_prestarted_kernel_for_another_request(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=1)
+        try:
+            pool.prestart("a", request(tmp_path))
+            started = await pool.acquire("a", request(tmp_path / "other", ANSWER="42"))
+            try:
+                out = await execute(started, "import os; print(os.getcwd(), os.environ['ANSWER'])")
+                assert out == f"{tmp_path / 'other'} 42\n"
+            finally:
+                await started.stop()
+        finally:
+            await pool.close()
+
+    before = descendants()
+    asyncio.run(main())
+    assert wait_until(lambda: descendants() <= before)
+
+
+def test_pool_is_bounded_and_close_leaves_no_kernel(tmp_path: Path) -> None:
+    before = descendants()
+
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=1)
+        pool.prestart("a", request(tmp_path))
+        pool.prestart("b", request(tmp_path))  # over the bound: ignored
+        acquired = await pool.acquire("a", request(tmp_path))
+        await asyncio.sleep(0.3)
+        fork_server = pool._fork_server
+        assert fork_server is not None and fork_server.pid is not None
+        kernels = descendants() - before - {fork_server.pid}
+        assert kernels == {acquired.pid}
+        pool.prestart("c", request(tmp_path))  # room again: "a" was handed out
+        await asyncio.sleep(0)
+        await pool.close()  # stops "c" (maybe mid-start) and the fork server with its kernels
+        assert wait_until(lambda: gone(acquired.pid))
+        assert not await acquired.km.is_alive()
+        await acquired.stop()
+
+    asyncio.run(main())
+    assert wait_until(lambda: descendants() <= before)
+
+
+def test_pool_without_forkserver_starts_ordinary_kernels(tmp_path: Path) -> None:
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=1, use_forkserver=False)
+        try:
+            pool.prestart("a", request(tmp_path))
+            started = await pool.acquire("a", request(tmp_path))
+            assert started.mode == "ordinary"
+            await started.stop()
+        finally:
+            await pool.close()
+        assert pool._fork_server is None
+
+    asyncio.run(main())
