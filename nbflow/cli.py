@@ -68,15 +68,14 @@ def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], for
     assert isinstance(handle, api.RunHandle)
     previous = signal.signal(signal.SIGTERM, lambda *_: handle.cancel())
     try:
-        while True:
+        while not handle.done:
             try:
-                result = handle.wait(timeout=0.2)
-                if handle.done:
-                    break
+                handle.wait(timeout=0.2)
             except KeyboardInterrupt:
                 handle.cancel()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    result = handle.wait()
     assert result is not None
     if as_json:
         click.echo(json.dumps(result.to_json()))

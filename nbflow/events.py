@@ -48,7 +48,7 @@ class StepError:
     traceback: str = ""
 
     def summary(self) -> str:
-        where = f" (cell {self.cell})" if self.cell else ""
+        where = f" (cell {self.cell})" if self.cell and f"cell {self.cell}" not in self.evalue else ""
         return f"{self.ename}: {self.evalue}{where}" if self.evalue else f"{self.ename}{where}"
 
     def to_json(self) -> dict[str, Any]:

@@ -50,6 +50,12 @@ def make_plan(graph: Graph, ledger: Ledger, names: Iterable[str] = (), overrides
     except PipelineError as e:
         problems += e.problems
     if problems:
+        # still report what could not run (missing inputs, kernels), as if every selected step ran
+        provisional = Plan(graph, tuple(PlannedStep(n, "run", ()) for n in selected or graph.order), {}, {})
+        try:
+            check_runnable(provisional)
+        except PipelineError as e:
+            problems += e.problems
         raise PipelineError(problems)
     planned: list[PlannedStep] = []
     rerunning: set[str] = set()

@@ -68,8 +68,9 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
         n = numbers[i]
         return " in the injected parameters cell" if n == 0 else f" in cell {n}"
 
+    step_timer = asyncio.timeout(task.timeout)
     try:
-        async with asyncio.timeout(task.timeout):
+        async with step_timer:
             request = KernelRequest(task.kernel, task.cwd, task.env)
             kernel = await pool.acquire(task.step, request)
             client = NotebookClient(nb, km=kernel.km, timeout=task.cell_timeout,
@@ -106,11 +107,22 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
         error = StepError("exception", e.ename or "Error", _ANSI.sub("", e.evalue or ""), number(current),
                           _failing_line(nb, current, tb), tb)
     except DeadKernelError:
-        status = StepStatus.FAILED
-        last = f"; the last cell that completed was cell {numbers[last_done]}" if last_done is not None else ""
-        error = StepError("kernel_died", "DeadKernelError",
-                          f"kernel died{where(current)}{last} (crash, os._exit, or killed for memory?)",
-                          number(current), _first_line(nb, current))
+        # nbclient turns a cancellation of the running cell into DeadKernelError("Kernel died"):
+        # ask the task and the step timer whether it was our own cancel or timeout.
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            status = StepStatus.CANCELLED
+            error = StepError("cancelled", "Cancelled", f"run cancelled{where(current)}", number(current))
+        elif step_timer.expired():
+            status = StepStatus.FAILED
+            error = StepError("timeout", "StepTimeout", f"timed out after {task.timeout:g} s{where(current)}",
+                              number(current), _first_line(nb, current))
+        else:
+            status = StepStatus.FAILED
+            last = f"; the last cell that completed was cell {numbers[last_done]}" if last_done is not None else ""
+            error = StepError("kernel_died", "DeadKernelError",
+                              f"kernel died{where(current)}{last} (crash, os._exit, or killed for memory?)",
+                              number(current), _first_line(nb, current))
     except TimeoutError:
         status = StepStatus.FAILED
         error = StepError("timeout", "StepTimeout", f"timed out after {task.timeout:g} s{where(current)}",
