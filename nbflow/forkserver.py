@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import selectors
@@ -45,7 +46,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
@@ -264,7 +266,7 @@ class ForkServer:
             await loop.sock_connect(sock, self._socket_path)
             await loop.sock_sendall(sock, request)
             reply = await asyncio.wait_for(self._read_line(sock), self._connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             sock.close()
             raise ForkServerError(
                 f"the fork server did not answer within {self._connect_timeout:g} s"
@@ -623,7 +625,7 @@ class _Server:
             code = _run_kernel_app(argv, parent_pid=self._pid)
         except SystemExit as exit_:
             code = exit_.code
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - whatever happens, the child must end in os._exit
             import traceback
 
             traceback.print_exc()
@@ -701,16 +703,12 @@ def _run_kernel_app(argv: list[str], *, parent_pid: int) -> Any:
 
 def _exit_status(code: Any) -> int:
     """Run exit handlers like a normal interpreter exit; return the process exit status."""
-    try:
+    with contextlib.suppress(Exception):
         atexit._run_exitfuncs()
-    except BaseException:
-        pass
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
+        with contextlib.suppress(Exception):
             if stream is not None:
                 stream.flush()
-        except BaseException:
-            pass
     if code is None:
         return 0
     if isinstance(code, int):

@@ -25,7 +25,8 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -64,7 +65,7 @@ _ALIVE_CHECK_INTERVAL = 0.05
 _EXIT_POLL_INTERVAL = 0.005
 _EXIT_TIMEOUT = 5.0
 
-_PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}
+_PYTHON_NAMES = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 import pytest

@@ -9,7 +9,8 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 import pytest
