@@ -1,0 +1,56 @@
+"""The Python API: Pipeline, background runs, history."""
+
+from __future__ import annotations
+
+import nbflow
+from nbflow.events import RunStatus, StepStatus
+
+
+def test_pipeline_view(fixture_pipeline):
+    pipeline = nbflow.Pipeline(fixture_pipeline("diamond"))
+    assert set(pipeline.steps) == {"a", "b", "c", "d", "sub/e"}
+    assert pipeline.graph["d"] == ["b", "c"]
+    states = {s.name: s.state for s in pipeline.status()}
+    assert states["driver"] == "not_a_step" and states["a"] == "stale"
+    assert "Pipeline(" in repr(pipeline)
+
+
+def test_background_run_returns_a_handle(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    handle = nbflow.run(root, background=True, display=False)
+    assert isinstance(handle, nbflow.RunHandle)
+    result = handle.wait(timeout=300)
+    assert handle.done and result is handle.result and result.ok
+
+
+def test_background_run_can_be_cancelled(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "slow.ipynb", 'outputs = {"o": "o.txt"}', "import time\ntime.sleep(60)",
+                     'open(outputs["o"], "w").write("x")')
+    notebook_factory(tmp_path / "later.ipynb", 'inputs = {"o": "o.txt"}\noutputs = {}', "pass")
+    started = []
+    handle = nbflow.run(tmp_path, background=True, display=False,
+                        listeners=[lambda e: started.append(e) if type(e).__name__ == "CellStarted" else None])
+    while len(started) < 2 and not handle.done:
+        handle.wait(timeout=0.1)
+    handle.cancel()
+    result = handle.wait(timeout=60)
+    assert result.status == RunStatus.CANCELLED
+    assert result.steps["slow"].status == StepStatus.CANCELLED
+    assert result.steps["later"].status in (StepStatus.CANCELLED, StepStatus.NOT_RUN)
+    assert (tmp_path / result.steps["slow"].notebook).exists()  # the partial notebook is kept
+
+
+def test_history_is_a_dataframe(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    first = nbflow.run(root, ["a"], display=False)
+    second = nbflow.run(root, ["a"], display=False)
+    frame = nbflow.history(root)
+    assert list(frame.run_id) == [second.run_id, first.run_id]
+    assert list(frame.status) == ["succeeded", "succeeded"]
+    assert str(frame.started_at.dtype).startswith("datetime64")
+    assert frame.steps.iloc[0] == {"skipped": 1}
+
+
+def test_history_of_a_pipeline_never_run_is_empty(tmp_path):
+    assert nbflow.history(tmp_path).empty
+    assert not (tmp_path / "_nbflow").exists()

@@ -1,0 +1,112 @@
+"""The ledger, fingerprints, freshness reasons and the run lock."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+import nbflow
+from nbflow.errors import PipelineLocked
+from nbflow.events import (FileRecord, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus, StepStarted,
+                           StepSucceeded)
+from nbflow.graph import build_graph
+from nbflow.state import SCHEMA_VERSION, Ledger, LedgerRecorder, RunLock, _cell_changes, assess, redact
+
+
+def test_schema_is_versioned_and_newer_schema_is_refused(tmp_path):
+    ledger = Ledger(tmp_path / "_nbflow")
+    assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    ledger.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    ledger.close()
+    with pytest.raises(nbflow.NbflowError, match="newer nbflow"):
+        Ledger(tmp_path / "_nbflow")
+
+
+def test_recorder_writes_runs_steps_files_and_redacts_secrets(tmp_path):
+    ledger = Ledger(tmp_path / "_nbflow")
+    rec = LedgerRecorder(ledger, secrets=("user",))
+    rec(RunStarted("r1", str(tmp_path), 1.0, (PlannedStep("a", "run", ("never run",)),),
+                   {"api_token": "s3cr3t", "user": "me", "n": 1}))
+    rec(StepStarted("a", 1, "_nbflow/runs/r1/a.ipynb", 2, 1.5))
+    rec(StepSucceeded("a", 1, 0.5, "_nbflow/runs/r1/a.ipynb", "f" * 64, {"cells": []}, {"db_password": "x", "n": 2},
+                      (FileRecord("in.csv", "in.csv", "1" * 64, 3),), (FileRecord("out.csv", "out.csv", "2" * 64, 4),),
+                      1.5))
+    rec(RunFinished(RunResult("r1", str(tmp_path), RunStatus.SUCCEEDED, {}, 1.0, 2.0)))
+    [run] = ledger.runs()
+    assert run["status"] == "succeeded" and run["parameters"] == {"api_token": "***", "user": "***", "n": 1}
+    [step] = ledger.step_runs("r1")
+    assert step["status"] == "succeeded" and step["parameters"] == {"db_password": "***", "n": 2}
+    assert {(f["role"], f["path"]) for f in step["files"]} == {("input", "in.csv"), ("output", "out.csv")}
+    raw = (tmp_path / "_nbflow" / "history.sqlite").read_bytes()
+    assert b"s3cr3t" not in raw
+
+
+def test_a_failed_transaction_leaves_nothing_half_written(tmp_path):
+    ledger = Ledger(tmp_path / "_nbflow")
+    rec = LedgerRecorder(ledger)
+    rec(RunStarted("r1", str(tmp_path), 1.0, ()))
+    rec(StepStarted("a", 1, "nb", 1, 1.0))
+    bad = StepSucceeded("a", 1, 0.1, "nb", "f", {}, {}, (), (FileRecord("o", "o", "h", 1), None), 1.0)  # type: ignore
+    with pytest.raises(AttributeError):
+        rec(bad)
+    assert ledger.conn.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 0
+    assert ledger.conn.execute("SELECT status FROM step_runs").fetchone()[0] == "running"
+
+
+def test_cell_change_reasons():
+    old = [[1, "a"], [2, "b"], [3, "c"]]
+    assert _cell_changes(old, [[1, "a"], [2, "B"], [3, "c"]]) == ["cell 2 changed"]
+    assert _cell_changes(old, [[1, "a"], [2, "b"], [3, "c"], [4, "d"]]) == ["cell 4 added"]
+    assert _cell_changes(old, [[1, "a"], [3, "c"]]) == ["cell 2 removed"]
+
+
+def test_freshness_reasons_in_words(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    assert nbflow.run(root, display=False).ok
+    graph = build_graph(root)
+    ledger = Ledger(graph.state_dir)
+    assert assess(graph, "b", {}, ledger).fresh
+    (root / "data" / "b.txt").unlink()
+    (root / "data" / "a.txt").write_text("999")
+    reasons = assess(graph, "b", {"offset": 2}, ledger).reasons
+    assert reasons == ("parameter offset 1 -> 2", "input data/a.txt changed", "output data/b.txt missing")
+    ledger.close()
+
+
+def test_interrupted_runs_are_recorded_by_the_next_run(tmp_path, fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    ledger = Ledger(root / "_nbflow")
+    rec = LedgerRecorder(ledger)
+    rec(RunStarted("dead", str(root), 1.0, ()))
+    rec(StepStarted("a", 1, "nb", 1, 1.0))
+    ledger.close()
+    nbflow.run(root, ["a"], display=False)
+    conn = sqlite3.connect(root / "_nbflow" / "history.sqlite")
+    assert conn.execute("SELECT status FROM runs WHERE run_id='dead'").fetchone()[0] == "interrupted"
+    assert conn.execute("SELECT status FROM step_runs WHERE run_id='dead'").fetchone()[0] == "interrupted"
+    conn.close()
+
+
+def test_lock_refuses_a_second_run_and_names_the_first(tmp_path):
+    first = RunLock(tmp_path)
+    first.acquire("run-one")
+    code = ("import sys; from nbflow.state import RunLock\n"
+            "try:\n    RunLock(sys.argv[1]).acquire('two')\nexcept Exception as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True).stdout
+    assert "another nbflow run of this pipeline is in progress (run run-one" in out and "pid " in out
+    with pytest.raises(PipelineLocked):
+        # the same process, a second open file description: flock refuses too
+        RunLock(tmp_path).acquire("again")
+    first.release()
+    again = RunLock(tmp_path)
+    again.acquire("now free")
+    again.release()
+
+
+def test_redact():
+    assert redact({"token": 1, "api_key": 2, "x": 3}, {"x"}) == {"token": "***", "api_key": "***", "x": "***"}
+    assert json.dumps(redact({"min_year": 2012})) == '{"min_year": 2012}'
