@@ -53,10 +53,18 @@ def fixture_pipeline(tmp_path):
 
 
 def _children() -> list[psutil.Process]:
+    """Our live child processes, except multiprocessing's resource tracker (one per interpreter, by design)."""
+    alive = []
     try:
-        return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and "multiprocessing.resource_tracker" not in " ".join(p.cmdline()):
+                    alive.append(p)
+            except psutil.Error:
+                pass
     except psutil.Error:
-        return []
+        pass
+    return alive
 
 
 @pytest.fixture(autouse=True)

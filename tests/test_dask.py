@@ -1,0 +1,25 @@
+"""The dask executor runs the same pipeline with the same results."""
+
+from __future__ import annotations
+
+import pytest
+
+import nbflow
+
+pytest.importorskip("distributed")
+
+
+def test_dask_local_cluster_gives_the_same_outputs(fixture_pipeline):
+    local = fixture_pipeline("diamond")
+    assert nbflow.run(local, display=False).ok
+    expected = {p.name: p.read_text() for p in (local / "data").glob("*.txt")}
+    import shutil
+
+    remote = local.parent / "diamond-dask"
+    shutil.copytree(local, remote, ignore=shutil.ignore_patterns("_nbflow", "a.txt", "b.txt", "c.txt", "d.txt",
+                                                                 "e.txt"))
+    events = []
+    result = nbflow.run(remote, executor="dask", jobs=2, display=False, listeners=[events.append])
+    assert result.ok, result.to_json()
+    assert {p.name: p.read_text() for p in (remote / "data").glob("*.txt")} == expected
+    assert any(type(e).__name__ == "CellFinished" for e in events)  # progress crosses from the workers
