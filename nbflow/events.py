@@ -8,7 +8,7 @@ Listeners (widget, terminal, ledger, alerts) receive these and nothing else.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
@@ -213,4 +213,4 @@ class RunFinished(Event):
 
 Listener = Callable[[Event], None]
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations", "asdict")]
+__all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations",)]

@@ -53,7 +53,7 @@ def prepare(nb: dict, parameters: dict[str, Any], *, parameters_cell: int, kerne
         cell.setdefault("metadata", {})["papermill"] = {
             "exception": None, "start_time": None, "end_time": None, "duration": None, "status": "pending"}
     if parameters:
-        injected = {"cell_type": "code", "execution_count": None, "id": _new_id(nb),
+        injected: dict[str, Any] = {"cell_type": "code", "execution_count": None, "id": _new_id(nb),
                     "metadata": {"tags": [INJECTED_TAG], "papermill": {
                         "exception": None, "start_time": None, "end_time": None, "duration": None,
                         "status": "pending"}},

@@ -147,7 +147,8 @@ def load_notebook_json(path: Path, rel: str | None = None) -> dict | str:
     except OSError as e:
         raise PipelineError(Problem(f"cannot read the notebook: {e.strerror}", file=rel)) from None
     if not raw.strip():
-        raise PipelineError(Problem("the file is empty, not a notebook; delete it or save a notebook over it", file=rel))
+        raise PipelineError(Problem("the file is empty, not a notebook; delete it or save a notebook over it",
+                                    file=rel))
     try:
         nb = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -262,12 +263,17 @@ def _read_parameters_cell(source: str, rel: str, cell_number: int) -> _Declarati
                 problem(f"`{target}` must be a literal (strings, lists, dicts), not `{segment}`; "
                         "nbflow reads declarations without running the notebook", node.lineno)
                 continue
+            line = node.lineno
+
+            def here(message: str, line: int = line) -> None:
+                problem(message, line)
+
             if target in ("inputs", "outputs"):
-                paths = _path_mapping(target, literal, lambda m: problem(m, node.lineno))
+                paths = _path_mapping(target, literal, here)
                 if paths is not None:
                     decl.paths[target] = paths
             else:
-                names = _name_list(target, literal, lambda m: problem(m, node.lineno))
+                names = _name_list(target, literal, here)
                 if names is not None:
                     decl.names[target] = names
             continue
