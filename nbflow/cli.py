@@ -237,5 +237,144 @@ def clean(pipeline: Path, keep: int) -> None:
     click.echo(f"removed {len(old)} run folder(s), kept {min(keep, len(folders))}")
 
 
+
+@main.command()
+@PIPELINE
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="File to write: .svg, .png, .html or .mmd (mermaid).")
+def plot(pipeline: Path, output: Path) -> None:
+    """Draw the graph of PIPELINE's steps to a file."""
+    from .graph import build_graph  # noqa: PLC0415
+    from .ui import plot as plotting  # noqa: PLC0415
+
+    if output.suffix.lower() not in plotting.SUFFIXES:
+        raise click.BadParameter(f"{output}: cannot tell the format from {output.suffix or 'no suffix'!r}; end the "
+                                 f"name with one of {', '.join(plotting.SUFFIXES)}", param_hint="'-o'")
+    graph = build_graph(pipeline)
+    plotting.write(graph, output)
+    click.echo(f"wrote {output} ({len(graph.steps)} steps)")
+
+
+@main.command()
+@PIPELINE
+@click.argument("run_id", required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="HTML file to write, e.g. report.html.")
+def report(pipeline: Path, run_id: str | None, output: Path) -> None:
+    """Write one run (default: the latest) as a self-contained HTML page."""
+    from .ui import report as reporting  # noqa: PLC0415
+
+    _, chosen = reporting.write(pipeline, output, run_id)
+    click.echo(f"wrote {output} (run {chosen})")
+
+
+@main.command()
+@PIPELINE
+@click.option("--cron", "expression", metavar='"MIN HOUR DOM MON DOW"',
+              help="When to run, as a cron expression [default: schedule: in nbflow.yaml].")
+@click.option("--install", is_flag=True, help="Add the line to your crontab (replacing this pipeline's old line).")
+def schedule(pipeline: Path, expression: str | None, install: bool) -> None:
+    """Print (or --install) the crontab line that runs PIPELINE on a schedule."""
+    import datetime as dt  # noqa: PLC0415
+
+    from croniter import croniter  # noqa: PLC0415
+
+    from .graph import STATE_DIR, build_graph  # noqa: PLC0415
+
+    graph = build_graph(pipeline)
+    source = "--cron"
+    if expression is None:
+        source = f"'schedule:' in {graph.root / 'nbflow.yaml'}"
+        expression = graph.config.schedule
+        if not expression:
+            raise PipelineError(f'no schedule for {graph.root}: give one with --cron "0 6 * * *" or set '
+                                f"`schedule: \"0 6 * * *\"` in {graph.root / 'nbflow.yaml'}")
+    expression = " ".join(expression.split())
+    fields = len(expression.split())
+    try:
+        if not expression.startswith("@") and fields != 5:
+            raise ValueError(f"cron needs exactly 5 fields, this has {fields}")
+        times = croniter(expression, dt.datetime.now().astimezone())
+        upcoming = [times.get_next(dt.datetime) for _ in range(3)]
+    except ValueError as e:  # croniter's errors are ValueErrors
+        reason = "it never fires" if "failed to find next date" in str(e) else str(e)
+        message = (f"{expression!r} is not a usable cron expression: {reason}; write 5 fields, minute hour "
+                   'day-of-month month day-of-week, e.g. "0 6 * * *" for 06:00 every day, "30 */2 * * 1-5" for '
+                   "every 2 hours on weekdays")
+        if source == "--cron":
+            raise click.BadParameter(message, param_hint="'--cron'") from None
+        raise PipelineError(f"{source}: {message}") from None
+    (graph.root / STATE_DIR).mkdir(exist_ok=True)  # the log's folder must exist before cron's first run
+    line = _cron_line(expression, graph.root, graph.root / STATE_DIR / "cron.log")
+    click.echo(line)
+    click.echo("next runs:")
+    for when in upcoming:
+        click.echo(f"  {when:%Y-%m-%d %H:%M %a %Z}")
+    if install:
+        _install_cron_line(line, _cron_marker(graph.root))
+        click.echo("installed in your crontab (see it with `crontab -l`)")
+        warning = _no_cron_daemon()
+        if warning:
+            click.echo(warning, err=True)
+    else:
+        click.echo("add it with `crontab -e`, or run this command again with --install")
+
+
+def _cron_marker(root: Path) -> str:
+    return f"# nbflow schedule {root}"
+
+
+def _cron_line(expression: str, root: Path, log: Path) -> str:
+    import os  # noqa: PLC0415
+    import shlex  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    script = Path(sys.executable).parent / "nbflow"
+    found = shutil.which("nbflow")
+    if script.exists():
+        command = shlex.quote(str(script))
+    elif found:
+        command = shlex.quote(os.path.abspath(found))
+    else:
+        command = f"{shlex.quote(sys.executable)} -m nbflow.cli"
+    line = (f"{expression} cd {shlex.quote(str(root.parent))} && {command} run {shlex.quote(str(root))} "
+            f">> {shlex.quote(str(log))} 2>&1 {_cron_marker(root)}")
+    return line.replace("%", "\\%")  # cron turns a bare % in the command into a newline
+
+
+def _install_cron_line(line: str, marker: str) -> None:
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    if shutil.which("crontab") is None:
+        raise NbflowError("cannot install: there is no `crontab` program on this machine; install cron "
+                          "(Debian/Ubuntu: apt-get install cron; Fedora/RHEL: dnf install cronie), or add the line "
+                          "above to your scheduler yourself")
+    current = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
+    if current.returncode != 0 and "no crontab" not in current.stderr.lower():
+        raise NbflowError(f"cannot read your crontab (`crontab -l` said: {current.stderr.strip()}); "
+                          "add the line above with `crontab -e`")
+    kept = [ln for ln in (current.stdout if current.returncode == 0 else "").splitlines()
+            if not ln.rstrip().endswith(marker.replace("%", "\\%"))]
+    written = subprocess.run(["crontab", "-"], input="\n".join(kept + [line]) + "\n", capture_output=True,
+                             text=True)
+    if written.returncode != 0:
+        raise NbflowError(f"cannot write your crontab (`crontab -` said: {written.stderr.strip()}); "
+                          "add the line above with `crontab -e`")
+
+
+def _no_cron_daemon() -> str | None:
+    """A warning when, on Linux, no cron daemon runs: the line would then never fire."""
+    if not sys.platform.startswith("linux"):
+        return None  # macOS starts cron on demand
+    import psutil  # noqa: PLC0415
+
+    daemons = {"cron", "crond", "cronie", "fcron", "busybox crond"}
+    if any((p.info.get("name") or "") in daemons for p in psutil.process_iter(["name"])):
+        return None
+    return ("warning: no cron daemon is running on this machine, so the line will not fire until one does; "
+            "start it (e.g. `service cron start`) or enable it at boot")
+
+
 if __name__ == "__main__":
     main()

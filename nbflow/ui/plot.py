@@ -155,33 +155,38 @@ def _order(rows: list[list[Hashable]], succ: Mapping[Hashable, list[Hashable]],
             ref = {k: p for p, k in enumerate(rs[i - 1] if downward else rs[i + 1])}
             links = pred if downward else succ
 
-            def bary(item: tuple[int, Hashable]) -> tuple[float, int]:
+            def bary(item: tuple[int, Hashable], ref: dict[Hashable, int] = ref,
+                     links: Mapping[Hashable, list[Hashable]] = links) -> tuple[float, int]:
                 p, key = item
                 near = [ref[n] for n in links.get(key, ()) if n in ref]
                 return (sum(near) / len(near) if near else p, p)
 
             rs[i] = [k for _, k in sorted(enumerate(rs[i]), key=bary)]
 
+    def pair_crossings(u: Hashable, v: Hashable, positions: list[dict[Hashable, int]], i: int) -> int:
+        """Crossings among the edges of u and v (u placed before v) with the layers beside them."""
+        count = 0
+        for side, links in ((i - 1, pred), (i + 1, succ)):
+            if 0 <= side < len(positions):
+                pos = positions[side]
+                for a in links.get(u, ()):
+                    for b in links.get(v, ()):
+                        count += pos[a] > pos[b]
+        return count
+
     def transpose(rs: list[list[Hashable]]) -> None:
-        improved = True
-        while improved:
+        positions = [{k: p for p, k in enumerate(r)} for r in rs]
+        for _ in range(len(rs) + 4):  # bounded: each pass only ever lowers the crossings
             improved = False
             for i, row in enumerate(rs):
                 for j in range(len(row) - 1):
-                    before = _local(rs, i)
-                    row[j], row[j + 1] = row[j + 1], row[j]
-                    if _local(rs, i) < before:
+                    u, v = row[j], row[j + 1]
+                    if pair_crossings(u, v, positions, i) > pair_crossings(v, u, positions, i):
+                        row[j], row[j + 1] = v, u
+                        positions[i][u], positions[i][v] = j + 1, j
                         improved = True
-                    else:
-                        row[j], row[j + 1] = row[j + 1], row[j]
-
-    def _local(rs: list[list[Hashable]], i: int) -> int:
-        c = 0
-        if i > 0:
-            c += _crossings(rs[i - 1], rs[i], succ)
-        if i + 1 < len(rs):
-            c += _crossings(rs[i], rs[i + 1], succ)
-        return c
+            if not improved:
+                break
 
     best = [list(r) for r in rows]
     best_count = total(best)
@@ -274,7 +279,7 @@ def layout(graph: Graph, labels: Mapping[str, tuple[str, str]]) -> Layout:
         width = max((boxes[k].width for k in row), default=0.0)
         columns.append((left, width))
         left += width + _RANK_GAP
-    for key, box in boxes.items():
+    for box in boxes.values():
         col_left, col_width = columns[box.layer]
         box.x = col_left + col_width / 2
 
@@ -393,8 +398,9 @@ def _subtitle(result: Any, name: str, status: str | None) -> str:
     parts = [STATUS_STYLES[status].label.split(" (")[0] if status in STATUS_STYLES else status]
     error = getattr(step, "error", None)
     duration = getattr(step, "duration_s", None)
-    if status == "failed" and getattr(error, "cell", None):
-        parts.append(f"cell {error.cell}")
+    cell = getattr(error, "cell", None)
+    if status == "failed" and cell:
+        parts.append(f"cell {cell}")
     elif status in ("succeeded", "failed", "cancelled") and isinstance(duration, (int, float)):
         parts.append(_seconds(duration))
     attempts = getattr(step, "attempts", 0)
@@ -586,7 +592,8 @@ def _render_svg(sc: _Scene) -> str:
         title = f"<title>{escape(group.title)}</title>" if group.title else ""
         g = f"<g{kind}>{title}{body}</g>"
         if group.link:
-            g = f'<a href={quoteattr(group.link)} target="_blank">{g}</a>'
+            target = "" if group.link.startswith("#") else ' target="_blank"'
+            g = f'<a href={quoteattr(group.link)}{target}>{g}</a>'
         out.append(g)
     out.append("</svg>")
     return "\n".join(out)
@@ -676,7 +683,7 @@ def _render_png(sc: _Scene, path: Path, scale: float = 2.0) -> None:
                         fontweight="bold" if item.bold else "normal", zorder=4)
             elif isinstance(item, _Curve):
                 verts: list[tuple[float, float]] = []
-                codes: list[int] = []
+                codes: list[Any] = []
                 for cmd, pts in item.points:
                     if cmd == "M":
                         verts.append((pts[0], pts[1]))
@@ -738,7 +745,8 @@ def write(graph: Graph, path: str | os.PathLike | None, result: Any = None) -> s
 def page(title: str, body: str) -> str:
     """A complete self-contained HTML page around `body`."""
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>{escape(title)}</title>\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{escape(title)}</title>\n"
             "</head>\n<body style=\"margin:16px;font-family:" + _FONT.replace("'", "&#39;") + "\">\n"
             f"{body}\n</body>\n</html>\n")
 
