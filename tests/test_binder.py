@@ -1,0 +1,43 @@
+"""binder/ installs nbflow the way mybinder.org (repo2docker) uses it: requirements.txt, then postBuild.
+
+Builds a fresh virtual environment and installs into it from the network (or pip's cache): about a
+minute. It runs with the rest of the suite, so a broken Binder setup fails CI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+BINDER = ROOT / "binder"
+
+
+def run(args: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_postbuild_is_an_executable_bash_script():
+    post_build = BINDER / "postBuild"
+    assert os.access(post_build, os.X_OK)
+    assert post_build.read_text().startswith("#!/bin/bash\n")
+    assert "?urlpath=lab/tree/notebooks/tutorial.ipynb" in (BINDER / "README.md").read_text()
+
+
+def test_binder_files_install_nbflow_into_a_fresh_venv(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    # as in repo2docker: the environment's python and pip come first on PATH
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", VIRTUAL_ENV=str(venv),
+               PIP_DISABLE_PIP_VERSION_CHECK="1")
+    run([python, "-m", "pip", "install", "-r", str(BINDER / "requirements.txt")], env)
+    run(["bash", str(BINDER / "postBuild")], env)
+    where = run([python, "-c", "import nbflow, ipywidgets, jupyterlab, matplotlib; print(nbflow.__file__)"], env)
+    assert Path(where.strip()) == ROOT / "nbflow" / "__init__.py"  # installed from this checkout
+    assert "status" in run([str(venv / "bin" / "nbflow"), "--help"], env)  # the command line too

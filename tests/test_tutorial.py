@@ -1,0 +1,83 @@
+"""notebooks/tutorial.ipynb runs from top to bottom and shows the widget, the graph and the incremental rerun."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+TUTORIAL = Path(__file__).parents[1] / "notebooks" / "tutorial.ipynb"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+STEPS = ("sales", "daily", "report")
+
+
+def outputs(nb) -> list[dict]:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+def stdout_of(cell) -> str:
+    return "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def final_states(text: str) -> dict[str, str]:
+    """{step: state} from the text twin of a finished run's display."""
+    rows = [line.split() for line in text.splitlines()[1:]]
+    return {row[0]: " ".join(row[1:3]) if row[1:3] == ["not", "run"] else row[1] for row in rows}
+
+
+def code_cell(nb, starts_with: str, nth: int = 0):
+    return [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(starts_with)][nth]
+
+
+def test_tutorial_runs_top_to_bottom(tmp_path):
+    # a copy, so the tutorial's work folder is made in tmp_path and not in the repository
+    shutil.copy(TUTORIAL, tmp_path / TUTORIAL.name)
+    nb = nbformat.read(tmp_path / TUTORIAL.name, as_version=4)
+    assert not any("parameters" in c.metadata.get("tags", []) for c in nb.cells)  # not a step itself
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    errors = [o for o in outputs(nb) if o.output_type == "error"]
+    assert not errors, errors
+
+    # three runs, each with the live widget (its state saved for viewers) and a final HTML table
+    runs = [o for o in outputs(nb) if WIDGET_VIEW in o.get("data", {})]
+    assert len(runs) == 3
+    saved = nb.metadata["widgets"][WIDGET_STATE]["state"]
+    assert all(o.data[WIDGET_VIEW]["model_id"] in saved for o in runs)
+    states = [final_states(o.data["text/plain"]) for o in runs]
+    assert states == [{"sales": "succeeded", "daily": "succeeded", "report": "succeeded"},
+                      {"sales": "skipped", "daily": "failed", "report": "not run"},
+                      {"sales": "skipped", "daily": "succeeded", "report": "succeeded"}]
+    broken = runs[1].data["text/html"]
+    assert "KeyError" in broken and "in cell 4" in broken and "daily.ipynb</a>" in broken
+
+    # the DAG, drawn by nbflow.Pipeline's HTML repr
+    pictures = [o.data.get("text/html", "") + o.data.get("image/svg+xml", "") for o in outputs(nb)
+                if "data" in o and WIDGET_VIEW not in o.data]
+    assert any("<svg" in p and all(f">{step}<" in p for step in STEPS) for p in pictures)
+
+    # status before any run, after the break, after the fix
+    assert "sales    stale  never run" in stdout_of(code_cell(nb, "def show_status"))
+    after_break = stdout_of(code_cell(nb, "show_status()"))
+    assert "sales    fresh" in after_break
+    assert "daily    stale  cell 4 changed" in after_break
+    assert "report   stale  upstream daily reruns" in after_break
+    after_fix = stdout_of(code_cell(nb, 'edit_step("daily", \'("amuont"'))
+    assert "daily    stale" in after_fix and "last run failed" in after_fix
+
+    # the failure, and the executed notebook kept for it with papermill's error banner on top
+    failure = stdout_of(code_cell(nb, 'failed = result.steps["daily"]'))
+    assert "KeyError" in failure and "(cell 4)" in failure and '("amuont", "count")' in failure
+    banner = code_cell(nb, "kept = nbformat.read").outputs[0].data["text/markdown"]
+    assert "An Exception was encountered" in banner and "KeyError" in banner
+
+    # the rerun after the fix: only the failed step and what depends on it
+    rerun = stdout_of(code_cell(nb, "for name, step in result.steps.items():\n    print(f\"{name:8} {step.status"))
+    assert "sales    skipped" in rerun
+    assert "daily    succeeded" in rerun
+    assert "report   succeeded  upstream daily reruns" in rerun
+    assert "42 orders" in rerun
+    assert (tmp_path / "tutorial_work" / "report.md").exists()
