@@ -68,7 +68,7 @@ class Pipeline:
         from .plan import kernel_of  # noqa: PLC0415
         from .state import Ledger, assess  # noqa: PLC0415
 
-        g = self._graph
+        self._graph = g = build_graph(self.root)  # the notebooks as they are now, not as first read
         params = resolve_parameters(g, parameters)
         ledger = Ledger(g.state_dir, create=False)
         try:
@@ -116,6 +116,8 @@ class RunHandle:
         self.runner = runner
         self.result: RunResult | None = None
         self.error: BaseException | None = None
+        # not Thread.join/is_alive: a Ctrl-C that interrupts join() marks a live thread as stopped (CPython 3.11)
+        self._finished = threading.Event()
         self._thread = threading.Thread(target=self._main, args=(thread_target,), name="nbflow-run", daemon=True)
         self._thread.start()
 
@@ -124,6 +126,8 @@ class RunHandle:
             self.result = target()
         except BaseException as e:  # noqa: BLE001 - handed to wait()
             self.error = e
+        finally:
+            self._finished.set()
 
     @property
     def run_id(self) -> str:
@@ -131,10 +135,10 @@ class RunHandle:
 
     @property
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._finished.is_set()
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
-        self._thread.join(timeout)
+        self._finished.wait(timeout)
         if self.error is not None:
             raise self.error
         return self.result
@@ -160,25 +164,33 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     """
     from .execute import Runner, new_run_id  # noqa: PLC0415
     from .plan import make_plan  # noqa: PLC0415
-    from .state import Ledger, LedgerRecorder, RunLock  # noqa: PLC0415
+    from .state import Ledger, LedgerRecorder, RunLock, reap_orphans  # noqa: PLC0415
 
     if isinstance(steps, str):
         steps = [steps]
     problems: list[Problem] = []
     graph = build_graph(pipeline, collect=problems)
+    if problems:  # invalid: add what planning finds, without creating or locking _nbflow/
+        history = Ledger(graph.state_dir, create=False)
+        try:
+            make_plan(graph, history, steps, parameters, force=force)
+        except PipelineError as e:
+            problems += e.problems
+        finally:
+            history.close()
+        raise PipelineError(problems)
     run_id = run_id or new_run_id()
     lock = RunLock(graph.state_dir)
     lock.acquire(run_id)
     ledger = None
     try:
         ledger = Ledger(graph.state_dir)
-        ledger.mark_interrupted()
-        try:
-            plan = make_plan(graph, ledger, steps, parameters, force=force)
-        except PipelineError as e:
-            raise PipelineError(problems + e.problems) from None
-        if problems:
-            raise PipelineError(problems)
+        interrupted = ledger.mark_interrupted()
+        if lock.stale and lock.stale.get("run_id") not in (None, "clean"):
+            interrupted.append(lock.stale["run_id"])
+        if interrupted:
+            reap_orphans(graph.root, interrupted)
+        plan = make_plan(graph, ledger, steps, parameters, force=force)
         jobs = jobs or graph.config.jobs or os.cpu_count() or 1
         all_listeners = list(listeners)
         if display is None:

@@ -95,6 +95,7 @@ def no_leaked_processes():
             pytest.fail("processes left running:\n" + "\n".join(described))
 
 
+@pytest.hookimpl(trylast=True)  # after the session's fixtures (servers, clusters) are torn down
 def pytest_sessionfinish(session, exitstatus):
     leaked = _children()
     if leaked:

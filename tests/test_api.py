@@ -54,3 +54,13 @@ def test_history_is_a_dataframe(fixture_pipeline):
 def test_history_of_a_pipeline_never_run_is_empty(tmp_path):
     assert nbflow.history(tmp_path).empty
     assert not (tmp_path / "_nbflow").exists()
+
+
+def test_status_reads_the_notebooks_as_they_are_now(fixture_pipeline, notebook_factory):
+    root = fixture_pipeline("diamond")
+    pipeline = nbflow.Pipeline(root)
+    assert pipeline.run("a", display=False).ok
+    assert {s.name: s.state for s in pipeline.status()}["a"] == "fresh"
+    notebook_factory(root / "a.ipynb", 'inputs = {"seed": "data/seed.txt"}\noutputs = {"a": "data/a.txt"}\nscale = 2',
+                     'open(outputs["a"], "w").write("0")')
+    assert {s.name: s.reasons for s in pipeline.status()}["a"] == ("cell 2 changed",)
