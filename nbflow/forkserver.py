@@ -5,7 +5,9 @@ ipykernel and IPython. The fork server pays that once: it imports ipykernel
 (and nothing user-level, starts no thread, creates no zmq context), then for
 each request forks a child that becomes an ordinary ``IPKernelApp`` on the
 connection file the driver wrote. Every kernel is still a separate, fresh
-process; only the imported-but-unused library code is shared.
+process; only the imported-but-unused library code is shared. What a fork
+cannot renew is the interpreter's string-hash seed: hash() of a str, and so the
+iteration order of a set of strings, is the same in every kernel of one server.
 
 This module owns
 - the server process (:func:`serve`, run in a subprocess by :class:`ForkServer`),
@@ -59,6 +61,7 @@ __all__ = [
     "ForkServerProvisioner",
     "ForkedKernel",
     "interpreter_env",
+    "runs_this_interpreter",
     "serve",
 ]
 
@@ -118,6 +121,16 @@ class ForkServerError(Exception):
 
     def __reduce__(self) -> tuple[type, tuple[str]]:
         return (type(self), (self.reason,))
+
+
+def runs_this_interpreter(executable: str) -> bool:
+    """Whether ``executable`` is this interpreter in this environment.
+
+    ``bin/python`` and ``bin/python3`` of one virtualenv are the same; the same
+    binary linked from another virtualenv's ``bin`` is not (its site-packages differ).
+    """
+    here, there = os.path.abspath(sys.executable), os.path.abspath(executable)
+    return os.path.dirname(here) == os.path.dirname(there) and os.path.realpath(here) == os.path.realpath(there)
 
 
 def interpreter_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -218,6 +231,7 @@ class ForkServer:
         self._socket_path: str | None = None
         self._interpreter_env: dict[str, str] = {}
         self._closed = False
+        self._broken: str | None = None  # why the server is not to be used any more
 
     @property
     def pid(self) -> int | None:
@@ -229,6 +243,8 @@ class ForkServer:
         with self._lock:
             if self._closed:
                 raise ForkServerError("the fork server has been shut down")
+            if self._broken is not None:
+                raise ForkServerError(self._broken)
             if self._process is not None:
                 returncode = self._process.poll()
                 if returncode is not None:
@@ -238,7 +254,7 @@ class ForkServer:
 
     def unsupported_reason(self, executable: str, env: Mapping[str, str]) -> str | None:
         """Why a kernel running ``executable`` with ``env`` cannot be forked here, or None."""
-        if os.path.normpath(executable) != os.path.normpath(sys.executable):
+        if not runs_this_interpreter(executable):
             return f"the kernel runs {executable}, the fork server runs {sys.executable}"
         self.start()
         requested = interpreter_env(env)
@@ -266,23 +282,21 @@ class ForkServer:
             await loop.sock_connect(sock, self._socket_path)
             await loop.sock_sendall(sock, request)
             reply = await asyncio.wait_for(self._read_line(sock), self._connect_timeout)
+            line, rest = reply.split(b"\n", 1)
+            message = json.loads(line)
+            if "pid" not in message:
+                raise ForkServerError(f"the fork server refused the kernel: {message.get('error')}")
+            return ForkedKernel(sock, int(message["pid"]), rest)
         except TimeoutError:
             sock.close()
-            raise ForkServerError(
-                f"the fork server did not answer within {self._connect_timeout:g} s"
-            ) from None
-        except OSError as error:
+            self._broken = f"the fork server did not answer within {self._connect_timeout:g} s"
+            raise ForkServerError(self._broken) from None
+        except (OSError, ValueError) as error:
             sock.close()
-            raise ForkServerError(f"cannot reach the fork server: {error}") from error
+            raise ForkServerError(f"cannot talk to the fork server: {error}") from error
         except BaseException:
             sock.close()
             raise
-        line, rest = reply.split(b"\n", 1)
-        message = json.loads(line)
-        if "pid" not in message:
-            sock.close()
-            raise ForkServerError(f"the fork server refused the kernel: {message.get('error')}")
-        return ForkedKernel(sock, int(message["pid"]), rest)
 
     def shutdown(self) -> None:
         """Stop the server; it kills the process group of every kernel it forked."""
@@ -515,6 +529,8 @@ class _Server:
         self._reap()
 
     def _connection_readable(self, connection: socket.socket) -> None:
+        if connection.fileno() == -1:
+            return  # dropped earlier in this round of events
         try:
             chunk = connection.recv(65536)
         except (BlockingIOError, InterruptedError):

@@ -24,9 +24,11 @@ import asyncio
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from nbflow.errors import NbflowError, did_you_mean
 
 if TYPE_CHECKING:
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -59,6 +61,9 @@ _RECONNECT_INTERVAL_MS = 5
 # once kernel_info has been answered, ask again this often until an idle status
 # for one of our requests shows that iopub is connected too.
 _RESEND_INTERVAL = 0.01
+# A kernel that answers kernel_info but publishes no idle status (against the
+# protocol) is taken as ready after this long.
+_IOPUB_GRACE = 2.0
 # How often a starting kernel is checked for having died.
 _ALIVE_CHECK_INTERVAL = 0.05
 # stop(): poll interval, and the longest wait for a SIGKILLed process to go.
@@ -73,11 +78,11 @@ class KernelRequest:
     """The kernel a step runs in: which kernel, in which directory, with which extra environment."""
 
     kernel_name: str
-    cwd: str
+    cwd: str  # absolute
     env: Mapping[str, str] = field(default_factory=dict)
 
 
-class KernelStartError(Exception):
+class KernelStartError(NbflowError):
     """A kernel could not be started; the message says why and how to fix it."""
 
     def __init__(self, kernel_name: str, message: str) -> None:
@@ -173,9 +178,13 @@ class KernelPool:
             prestarted_request, task = prestarted
             if prestarted_request == request:
                 try:
-                    return await task
+                    started = await task
                 except KernelStartError:
                     pass  # start again below: the failure may have been transient
+                else:
+                    if await started.km.is_alive():
+                        return started
+                    await started.stop()  # died while waiting in the pool
             else:
                 await _discard_start(task)
         return await self._start(request)
@@ -229,12 +238,11 @@ def _forkserver_disabled_reason(use_forkserver: bool) -> str | None:
 
 
 async def _start(request: KernelRequest, server: ForkServer | None, fallback_reason: str | None) -> StartedKernel:
-    spec = _kernel_spec(request.kernel_name)
-    if not os.path.isdir(request.cwd):
-        raise KernelStartError(
-            request.kernel_name,
-            f"cannot start kernel '{request.kernel_name}': its working directory {request.cwd} does not exist",
-        )
+    name = request.kernel_name
+    spec = _kernel_spec(name)
+    cwd = os.path.abspath(request.cwd)
+    if not os.path.isdir(cwd):
+        raise KernelStartError(name, f"cannot start kernel '{name}': its working directory {cwd} does not exist")
     env = {**os.environ, **request.env}
     if server is not None:
         fallback_reason = _unforkable_reason(spec)
@@ -242,12 +250,12 @@ async def _start(request: KernelRequest, server: ForkServer | None, fallback_rea
             from nbflow.forkserver import ForkServerError
 
             try:
-                return await _launch(request, env, server, None)
+                return await _launch(name, cwd, env, server, None)
             except ForkServerError as error:
                 fallback_reason = error.reason
             except KernelStartError as error:
                 fallback_reason = f"the forked kernel failed to start: {error.message}"
-    return await _launch(request, env, None, fallback_reason)
+    return await _launch(name, cwd, env, None, fallback_reason)
 
 
 def _kernel_spec(kernel_name: str) -> KernelSpec:
@@ -257,10 +265,11 @@ def _kernel_spec(kernel_name: str) -> KernelSpec:
     try:
         return manager.get_kernel_spec(kernel_name)
     except NoSuchKernel:
-        installed = ", ".join(sorted(manager.find_kernel_specs())) or "none"
+        installed = sorted(manager.find_kernel_specs())
         raise KernelStartError(
             kernel_name,
-            f"kernel '{kernel_name}' is not installed; installed kernels: {installed} "
+            f"kernel '{kernel_name}' is not installed{did_you_mean(kernel_name, installed)}; "
+            f"installed kernels: {', '.join(installed) or 'none'} "
             "(install it, e.g. with `python -m ipykernel install --user --name NAME`, "
             "or choose an installed kernel)",
         ) from None
@@ -268,26 +277,30 @@ def _kernel_spec(kernel_name: str) -> KernelSpec:
 
 def _unforkable_reason(spec: KernelSpec) -> str | None:
     """Why a kernel with this spec cannot come from this process's fork server, or None."""
-    from nbflow.forkserver import KERNEL_MODULES
+    from nbflow.forkserver import KERNEL_MODULES, runs_this_interpreter
 
     if "kernel_provisioner" in (spec.metadata or {}):
         return "the kernel spec names its own kernel provisioner"
     argv = list(spec.argv)
     if len(argv) < 3 or argv[1] != "-m" or argv[2] not in KERNEL_MODULES:
         return f"the kernel spec runs {argv}, not 'python -m ipykernel_launcher'"
-    executable = sys.executable if argv[0] in _PYTHON_NAMES else argv[0]
-    if os.path.normpath(executable) != os.path.normpath(sys.executable):
+    if argv[0] not in _PYTHON_NAMES and not runs_this_interpreter(argv[0]):
         return f"the kernel spec runs {argv[0]}, not this interpreter ({sys.executable})"
     return None
 
 
 async def _launch(
-    request: KernelRequest, env: dict[str, str], server: ForkServer | None, fallback_reason: str | None
+    kernel_name: str, cwd: str, env: dict[str, str], server: ForkServer | None, fallback_reason: str | None
 ) -> StartedKernel:
     import zmq
     from jupyter_client.manager import AsyncKernelManager
 
-    km = AsyncKernelManager(kernel_name=request.kernel_name)
+    km = AsyncKernelManager(kernel_name=kernel_name)
+    # Unix sockets instead of TCP: no free-port search (so no port races between parallel starts), and
+    # no "running over TCP without encryption" warning from every kernel. The socket files live in a
+    # private folder, not in the notebook's folder (jupyter_client's default).
+    km.transport = "ipc"
+    km.ip = os.path.join(_ipc_folder(), km.kernel_id or _new_kernel_id())
     if server is not None:
         from nbflow.forkserver import ForkServerProvisioner
 
@@ -297,25 +310,41 @@ async def _launch(
         km.provisioner = provisioner
     kc = None
     try:
-        await km.start_kernel(cwd=request.cwd, env=env)
+        await km.start_kernel(cwd=cwd, env=env)
         kc = km.client()
         kc.context.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_INTERVAL_MS)
         kc.start_channels(hb=False)  # liveness comes from the process, not heartbeats
-        await _wait_until_ready(km, kc, request.kernel_name)
+        await _wait_until_ready(km, kc, kernel_name)
     except BaseException:
         if kc is not None:
             kc.stop_channels()
         await _kill_and_release(km)
         raise
-    assert km.provisioner is not None
-    pid = getattr(km.provisioner, "pid", None)
+    pid = getattr(km.provisioner, "pid", None)  # both provisioners used here have one
+    assert pid is not None
     return StartedKernel(
         km=km,
         kc=kc,
         mode="ordinary" if server is None else "forkserver",
         fallback_reason=fallback_reason,
-        pid=int(pid) if pid is not None else -1,
+        pid=int(pid),
     )
+
+
+_IPC_FOLDER: str | None = None
+
+
+def _ipc_folder() -> str:
+    """A private folder for the kernels' socket files, removed when the interpreter exits."""
+    global _IPC_FOLDER
+    if _IPC_FOLDER is None or not os.path.isdir(_IPC_FOLDER):
+        import atexit
+        import shutil
+        import tempfile
+
+        _IPC_FOLDER = tempfile.mkdtemp(prefix="nbflow-kernels-")
+        atexit.register(shutil.rmtree, _IPC_FOLDER, True)
+    return _IPC_FOLDER
 
 
 def _new_kernel_id() -> str:
@@ -329,7 +358,8 @@ async def _wait_until_ready(km: AsyncKernelManager, kc: AsyncKernelClient, kerne
 
     No fixed sleeps: the first request waits in the shell socket's queue until
     the kernel binds; only iopub can lose messages (before our subscription
-    arrives), so kernel_info is re-sent until an idle status comes through.
+    arrives), so kernel_info is re-sent until an idle status comes through. A
+    kernel that never publishes idle counts as ready a while after its reply.
     """
     from queue import Empty
 
@@ -344,8 +374,9 @@ async def _wait_until_ready(km: AsyncKernelManager, kc: AsyncKernelClient, kerne
     requests = {kc.kernel_info()}
     sent_at = loop.time()
     next_alive_check = sent_at + _ALIVE_CHECK_INTERVAL
-    replied = idle = False
-    while not (replied and idle):
+    replied_at: float | None = None
+    idle = False
+    while not (replied_at is not None and (idle or loop.time() - replied_at >= _IOPUB_GRACE)):
         now = loop.time()
         if now >= deadline:
             raise KernelStartError(
@@ -362,10 +393,10 @@ async def _wait_until_ready(km: AsyncKernelManager, kc: AsyncKernelClient, kerne
                     f"kernel '{kernel_name}' died while starting (exit code {code}); see its output on stderr",
                 )
             next_alive_check = now + _ALIVE_CHECK_INTERVAL
-        if replied and now - sent_at >= _RESEND_INTERVAL:
+        if replied_at is not None and now - sent_at >= _RESEND_INTERVAL:
             requests.add(kc.kernel_info())
             sent_at = now
-        wake_at = min(deadline, next_alive_check, sent_at + _RESEND_INTERVAL if replied else deadline)
+        wake_at = min(deadline, next_alive_check, sent_at + _RESEND_INTERVAL if replied_at is not None else deadline)
         await poller.poll(max(1, int((wake_at - now) * 1000) + 1))
         for channel in (kc.shell_channel, kc.iopub_channel):
             while True:
@@ -376,7 +407,7 @@ async def _wait_until_ready(km: AsyncKernelManager, kc: AsyncKernelClient, kerne
                 if message["parent_header"].get("msg_id") not in requests:
                     continue
                 if message["msg_type"] == "kernel_info_reply":
-                    replied = True
+                    replied_at = loop.time() if replied_at is None else replied_at
                 elif message["msg_type"] == "status" and message["content"].get("execution_state") == "idle":
                     idle = True
 

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -87,6 +87,22 @@ def test_forked_kernels_do_not_share_variables_or_random_state(tmp_path: Path) -
             assert await execute_json(second, "__import__('random').random()") != first_random
         finally:
             await second.stop()
+
+    asyncio.run(main())
+
+
+def test_concurrent_starts_get_separate_working_kernels(tmp_path: Path) -> None:
+    async def main() -> None:
+        started = await asyncio.gather(
+            *(start_kernel(KernelRequest("python3", str(tmp_path), {"WHO": str(i)})) for i in range(4))
+        )
+        try:
+            assert [s.mode for s in started] == ["forkserver"] * 4
+            assert len({s.pid for s in started}) == 4
+            outputs = await asyncio.gather(*(execute(s, "import os; print(os.environ['WHO'])") for s in started))
+            assert outputs == [f"{i}\n" for i in range(4)]
+        finally:
+            await asyncio.gather(*(s.stop() for s in started))
 
     asyncio.run(main())
 

@@ -8,14 +8,15 @@ import os
 import pickle
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
 from nbflow import forkserver, kernels
+from nbflow.errors import NbflowError
 from nbflow.kernels import (
     KernelPool,
     KernelRequest,
@@ -112,8 +113,14 @@ def test_unknown_kernel_error_names_the_kernel_and_the_installed_ones(tmp_path: 
     assert error.kernel_name == "ir"
     assert "kernel 'ir' is not installed; installed kernels: " in str(error)
     assert "python3" in str(error)
+    assert isinstance(error, NbflowError) and error.exit_code == 1
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.kernel_name, str(copy)) == ("ir", str(error))
+
+
+def test_misspelt_kernel_name_gets_a_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(KernelStartError, match="kernel 'pyhton3' is not installed \\(did you mean 'python3'\\?\\)"):
+        asyncio.run(start_kernel(KernelRequest("pyhton3", str(tmp_path), {})))
 
 
 def test_missing_working_directory_is_an_error(tmp_path: Path) -> None:
@@ -294,13 +301,10 @@ def test_pool_hands_out_the_prestarted_kernel_once(tmp_path: Path) -> None:
         try:
             pool.prestart("a", request(tmp_path))
             await asyncio.sleep(0)
-            started_before = time.monotonic()
-            while len(descendants()) < 2:  # the fork server and the kernel for "a"
-                await asyncio.sleep(0.01)
-                assert time.monotonic() - started_before < 30
-            prestarted_pids = descendants()
+            task = pool._prestarted["a"][1]  # (request, start task)
+            prestarted = await task  # the kernel started ahead of time
             first = await pool.acquire("a", request(tmp_path))
-            assert first.pid in prestarted_pids
+            assert first is prestarted
             second = await pool.acquire("a", request(tmp_path))
             assert second.pid != first.pid  # a fresh kernel every time
             await first.stop()
