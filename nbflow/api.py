@@ -213,8 +213,11 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         runner = Runner(plan, ledger, exe or _NoExecutor(), listeners=all_listeners,
                         recorder=LedgerRecorder(ledger, graph.config.secrets), jobs=jobs, fail_fast=fail_fast,
                         run_id=run_id)
+        ui_events = _ui_poller() if display and not background else None
         if display:
-            widget.attach(runner)
+            # a click reaches the kernel unless this run holds it: the cell's main thread, not processing UI events
+            widget.attach(runner, can_cancel=background or ui_events is not None
+                          or threading.current_thread() is not threading.main_thread())
     except BaseException:
         if ledger is not None:
             ledger.close()
@@ -234,7 +237,58 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
 
     if background:
         return RunHandle(runner, execute)
+    if ui_events is not None:
+        return _wait_processing_ui_events(RunHandle(runner, execute), ui_events)
     return execute()
+
+
+def _wait_processing_ui_events(handle: RunHandle, ui_events) -> RunResult:
+    """Wait for a run in the cell while the kernel handles widget events (the Cancel button).
+
+    Interrupting the kernel cancels the run; the cell still waits until it has
+    finished cleanly and returns its RunResult. Cells queued meanwhile run
+    after this one (jupyter-ui-poll holds them back and replays them).
+    """
+    try:
+        with ui_events() as poll:
+            while not handle.done:
+                try:
+                    poll(20)
+                    handle.wait(0.05)
+                except KeyboardInterrupt:
+                    handle.cancel()
+    except KeyboardInterrupt:  # on the way into or out of the polling: wait without it
+        handle.cancel()
+    while not handle.done:
+        try:
+            handle.wait(0.1)
+        except KeyboardInterrupt:
+            handle.cancel()
+    result = handle.wait()
+    assert result is not None
+    return result
+
+
+def _ui_poller():
+    """jupyter-ui-poll's `ui_events` when it can hand widget clicks to a waiting cell here, else None.
+
+    It can in the main thread of an ipykernel 6 kernel, which queues shell
+    messages for `do_one_iteration`. ipykernel 7.0 reads them on a thread of
+    its own (kernel subshells) and 7.1 removed `do_one_iteration`: there
+    jupyter-ui-poll (1.1.0) processes nothing, and the widget has to point to
+    the kernel's interrupt instead of offering a Cancel button that no click
+    reaches.
+    """
+    if threading.current_thread() is not threading.main_thread() or not _in_jupyter():
+        return None
+    try:
+        import ipykernel  # noqa: PLC0415
+        from jupyter_ui_poll import ui_events  # noqa: PLC0415
+    except ImportError:
+        return None
+    if int(str(ipykernel.__version__).split(".")[0]) >= 7:
+        return None
+    return ui_events
 
 
 class _NoExecutor:

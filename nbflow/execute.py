@@ -55,6 +55,7 @@ class Runner:
         self.run_id = run_id or new_run_id()
         self._inbox: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
+        self._running: dict[str, StepTask] = {}  # submitted to the executor, outcome not yet received
         self.results: dict[str, StepResult] = {}
 
     # -- called from any thread ------------------------------------------------------
@@ -114,7 +115,7 @@ class Runner:
         sorter = graphlib.TopologicalSorter({n: [u for u in self.graph.upstream[n] if u in planned] for n in planned})
         sorter.prepare()
         ready: list[str] = []
-        running: dict[str, StepTask] = {}
+        running: dict[str, StepTask] = self._running
         retry_at: list[tuple[float, str, StepTask]] = []
         failed_any = False
         self._parts: dict[str, dict] = {}
@@ -274,14 +275,14 @@ class Runner:
             latest=str(state / "latest" / f"{name}.ipynb"), parameters=self.plan.parameters[name],
             parameters_cell=step.parameters_cell, kernel=kernel_of(graph, name), language=step.language,
             outputs=tuple((ref.label, str(ref.path)) for ref in graph.outputs_of(name)), env=env,
-            timeout=settings.timeout, cell_timeout=settings.cell_timeout,
+            timeout=settings.timeout, cell_timeout=settings.cell_timeout, retries=settings.retries,
             use_forkserver=graph.config.forkserver and os.environ.get("NBFLOW_FORKSERVER", "1") != "0",
             reasons=self.results[name].reasons)
 
     def _drain_after_error(self) -> None:
         """After a cancel caused by an error, wait for running steps to save their notebooks."""
         deadline = time.time() + 60
-        pending = {n for n, r in self.results.items() if r.status == StepStatus.RUNNING}
+        pending = set(self._running)  # submitted and not yet done (a step waiting to retry is not)
         while pending and time.time() < deadline:
             try:
                 kind, payload = self._inbox.get(timeout=1)
@@ -290,17 +291,24 @@ class Runner:
             except KeyboardInterrupt:
                 continue
             if kind == "event":
-                try:
-                    self.emit(payload)
-                except StateError:
-                    pass
+                self._emit_after_error(payload)
             elif kind == "done":
                 pending.discard(payload.step)
+                self._emit_after_error(StepCancelled(payload.step, payload.attempt, payload.duration_s,
+                                                     payload.notebook, payload.started_at))
                 self.results[payload.step] = replace(self.results[payload.step], status=StepStatus.CANCELLED,
-                                                     notebook=payload.notebook, duration_s=payload.duration_s)
+                                                     notebook=payload.notebook, duration_s=payload.duration_s,
+                                                     error=payload.error)
         for name, r in self.results.items():
             if r.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                self._emit_after_error(StepCancelled(name, 0, 0.0, None))
                 self.results[name] = replace(r, status=StepStatus.CANCELLED)
+
+    def _emit_after_error(self, event: Event) -> None:
+        try:
+            self.emit(event)
+        except StateError:
+            pass  # the ledger cannot be written: the next run records this one as interrupted
 
 
 def _jsonable(parameters: dict[str, Any]) -> dict[str, Any]:

@@ -70,7 +70,16 @@ class Ledger:
                 self._init()
                 return
             self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._init()
+            try:
+                self._init()
+            except sqlite3.OperationalError:
+                if create or os.access(self.state_dir, os.W_OK):
+                    raise
+                # a read-only _nbflow/ (read-only mount): read the ledger without its WAL index
+                self.conn.close()
+                self.conn = sqlite3.connect(f"{path.absolute().as_uri()}?immutable=1", uri=True,
+                                            isolation_level=None, check_same_thread=False)
+                self._init()
         except (OSError, sqlite3.Error) as e:
             raise StateError(f"cannot open the run ledger {path}: {e}; check that {self.state_dir} is "
                              "writable and the disk is not full") from None
@@ -137,11 +146,12 @@ class Ledger:
         return {"id": row[0], "run_id": row[1], "fingerprint": row[2], "parts": json.loads(row[3] or "{}"),
                 "finished_at": row[4], "outputs": [FileRecord(*o) for o in outputs]}
 
-    def failed_since(self, step: str, since: float) -> str | None:
+    def failed_since(self, step: str, since: float) -> tuple[str, str] | None:
+        """(run_id, status) of the newest failed, cancelled or interrupted attempt after `since`."""
         row = self.conn.execute(
-            "SELECT run_id FROM step_runs WHERE step=? AND status IN ('failed','cancelled','interrupted') "
+            "SELECT run_id, status FROM step_runs WHERE step=? AND status IN ('failed','cancelled','interrupted') "
             "AND started_at > ? ORDER BY started_at DESC LIMIT 1", (step, since)).fetchone()
-        return row[0] if row else None
+        return (row[0], row[1]) if row else None
 
     def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT run_id, started_at, finished_at, status, pid, host, parameters FROM runs ORDER BY started_at DESC"
@@ -185,9 +195,14 @@ class Ledger:
 
     # -- writes ------------------------------------------------------------------
     def mark_interrupted(self) -> list[str]:
-        """Runs left `running` by an nbflow that died: record them as interrupted."""
+        """Runs (and step attempts) left `running` by an nbflow that died: record them as interrupted.
+
+        Call it holding the run lock: then nothing is running.
+        """
         ids = [r[0] for r in self.conn.execute("SELECT run_id FROM runs WHERE status='running'")]
-        if ids:
+        # a step can be left running in a finished run when recording its end failed (disk full)
+        stuck = self.conn.execute("SELECT 1 FROM step_runs WHERE status='running' LIMIT 1").fetchone()
+        if ids or stuck:
             with self.transaction() as c:
                 now = time.time()
                 c.execute("UPDATE step_runs SET status='interrupted', finished_at=? WHERE status='running'", (now,))
@@ -214,14 +229,20 @@ class _Transaction:
                 conn.execute("COMMIT")
                 return False
             except sqlite3.Error as e:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise StateError(f"cannot write the run ledger {self.ledger.path}: {e}; "
                                  "check that the folder is writable and the disk is not full") from None
-        conn.execute("ROLLBACK")
+        _rollback(conn)
         if isinstance(exc, sqlite3.Error):
             raise StateError(f"cannot write the run ledger {self.ledger.path}: {exc}; "
                              "check that the folder is writable and the disk is not full") from None
         return False
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # sqlite has already rolled back by itself after some errors (disk full): then there is nothing to undo
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def sha256_file(path: Path) -> str:
@@ -307,7 +328,7 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
                 reasons.append(f"output {rec.label} changed since it was made")
         failed_run = ledger.failed_since(name, last["finished_at"])
         if failed_run:
-            reasons.append(f"last run failed ({failed_run})")
+            reasons.append(f"last run {failed_run[1]} ({failed_run[0]})")
     for up in rerunning_upstream:
         reasons.append(f"upstream {up} reruns")
     return Freshness(name, not reasons, tuple(reasons), parts)
@@ -338,6 +359,7 @@ class RunLock:
     def __init__(self, state_dir: Path):
         self.path = Path(state_dir) / "lock"
         self.fd: int | None = None
+        self.stale: dict[str, Any] | None = None  # the holder that died without releasing the lock
 
     def acquire(self, run_id: str) -> None:
         try:
@@ -357,9 +379,15 @@ class RunLock:
                 f"another nbflow run of this pipeline is in progress (run {holder.get('run_id', '?')}, "
                 f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {when}); wait for it to "
                 f"finish or stop it (kill {holder.get('pid', '<pid>')})") from None
+        self.stale = _read_holder(fd) or None  # release() empties the file: content means nbflow died
         info = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id, "started_at": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise StateError(f"cannot write the run lock {self.path}: {e.strerror}; "
+                             f"check that {self.path.parent} is writable and the disk is not full") from None
         self.fd = fd
 
     def release(self) -> None:
@@ -375,9 +403,35 @@ class RunLock:
 
 def _read_holder(fd: int) -> dict[str, Any]:
     try:
-        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):
         return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def reap_orphans(root: Path, run_ids: list[str]) -> list[int]:
+    """Kill what the kernels of runs whose nbflow died left running; returns the pids killed.
+
+    A kernel and everything it starts inherit NBFLOW_RUN_ID and NBFLOW_PIPELINE
+    from the run, so they are found by their environment: no pid recorded
+    earlier can have been reused by an unrelated process.
+    """
+    import psutil  # noqa: PLC0415 - only after a run was interrupted
+
+    wanted = set(run_ids)
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    killed = []
+    for proc in psutil.process_iter():
+        if proc.pid in mine:
+            continue
+        try:
+            env = proc.environ()
+            if env.get("NBFLOW_RUN_ID") in wanted and env.get("NBFLOW_PIPELINE") == str(root):
+                proc.kill()
+                killed.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return killed
 
 
 # -- the ledger as a listener -------------------------------------------------------
@@ -420,7 +474,9 @@ class LedgerRecorder:
 
     def _on_StepNotRun(self, e: StepNotRun) -> None:
         with self.ledger.transaction() as c:
-            self._insert(c, e.step, 0, "not_run", reasons=json.dumps([f"upstream {e.because} did not succeed"]))
+            reason = ("--fail-fast: another step failed" if e.because == "--fail-fast"
+                      else f"upstream {e.because} did not succeed")
+            self._insert(c, e.step, 0, "not_run", reasons=json.dumps([reason]))
 
     def _on_StepStarted(self, e: StepStarted) -> None:
         with self.ledger.transaction() as c:

@@ -36,6 +36,7 @@ class StepTask:
     env: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None
     cell_timeout: float | None = None
+    retries: int = 0  # how many times the Runner may retry this step after a failure
     use_forkserver: bool = True
     reasons: tuple[str, ...] = ()
 
