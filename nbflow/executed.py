@@ -114,6 +114,7 @@ def write_atomic(nb: dict, path: Path) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an executed notebook is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -121,6 +122,12 @@ def write_atomic(nb: dict, path: Path) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _markdown(source: str, nb: dict) -> dict:

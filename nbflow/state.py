@@ -18,7 +18,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from .errors import PipelineLocked, StateError
 from .events import (Event, FileRecord, RunFinished, RunStarted, RunStatus, StepCancelled, StepFailed,
@@ -222,7 +222,7 @@ class _Transaction:
                              "check that the folder is writable and the disk is not full") from None
         return self.ledger.conn
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         conn = self.ledger.conn
         if exc_type is None:
             try:
