@@ -159,8 +159,10 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     """Run the pipeline (or `steps` and what they need); returns the RunResult.
 
     Invalid pipelines raise PipelineError before any kernel starts. In
-    Jupyter a live widget shows the run (display=False turns it off). With
-    background=True it returns a RunHandle at once.
+    Jupyter a live widget shows the run (display=False turns it off); while
+    the cell waits, interrupting the kernel (■) cancels the run cleanly, and
+    so does the widget's Cancel button where jupyter-ui-poll can deliver its
+    click (ipykernel 6). With background=True it returns a RunHandle at once.
     """
     from .execute import Runner, new_run_id  # noqa: PLC0415
     from .plan import make_plan  # noqa: PLC0415

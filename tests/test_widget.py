@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import nbflow
+from nbflow import api
 from nbflow.events import (CellFinished, CellStarted, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled,
                            StepError, StepFailed, StepNotRun, StepResult, StepSkipped, StepStarted, StepStatus,
                            StepSucceeded)
@@ -192,14 +194,24 @@ def test_skipped_cancelled_and_retrying_steps(pipeline):
     assert "2</span> cancelled" in text(w.totals) and "1</span> skipped" in text(w.totals)
 
 
-def test_cancel_button_calls_runner_cancel_for_a_background_run(pipeline):
+def in_thread(target, *args) -> None:
+    thread = threading.Thread(target=target, args=args)
+    thread.start()
+    thread.join()
+
+
+@pytest.mark.parametrize("from_main_thread", [False, True])
+def test_cancel_button_calls_runner_cancel_when_a_click_can_reach_the_kernel(pipeline, from_main_thread):
+    """A background run, or a blocking one waited for with UI events processed: the events' thread does not matter."""
     w = make_widget(pipeline)
     assert w.cancel_button.disabled  # nothing to cancel before attach
     runner = FakeRunner()
-    w.attach(runner)  # type: ignore[arg-type]
-    background = threading.Thread(target=started, args=(w, time.time()))
-    background.start()
-    background.join()
+    w.attach(runner, can_cancel=True)  # type: ignore[arg-type]
+    assert not w.cancel_button.disabled and w.cancel_button.description == "Cancel"
+    if from_main_thread:
+        started(w, time.time())
+    else:
+        in_thread(started, w, time.time())
     assert not w.blocking
     assert not w.cancel_button.disabled and w.cancel_button.description == "Cancel"
     w.cancel_button.click()
@@ -211,14 +223,148 @@ def test_cancel_button_calls_runner_cancel_for_a_background_run(pipeline):
     assert w.cancel_button.layout.display == "none"
 
 
-def test_a_blocking_run_points_to_the_kernel_interrupt(pipeline):
+@pytest.mark.parametrize("from_main_thread", [False, True])
+def test_a_run_that_holds_the_kernel_points_to_the_kernel_interrupt(pipeline, from_main_thread):
     w = make_widget(pipeline)
-    w.attach(FakeRunner())  # type: ignore[arg-type]
-    started(w, time.time())  # from the main thread: the run holds the kernel
+    runner = FakeRunner()
+    w.attach(runner, can_cancel=False)  # type: ignore[arg-type]
+    assert w.blocking and w.cancel_button.disabled  # at once, before the run starts
+    assert "Interrupt the kernel" in w.cancel_button.description
+    if from_main_thread:
+        started(w, time.time())
+    else:
+        in_thread(started, w, time.time())
     assert w.blocking
     assert w.cancel_button.disabled
     assert "Interrupt the kernel" in w.cancel_button.description
     finish(w, RunStatus.SUCCEEDED, time.time())
+    w.cancel_button.click()  # a click read only after the run ended does nothing
+    assert runner.cancels == 0
+    assert w.cancel_button.layout.display == "none"
+
+
+def test_without_can_cancel_the_thread_the_run_starts_on_decides(pipeline):
+    """attach(runner) alone: a run started on the main thread holds the kernel, one on another thread does not."""
+    blocking = make_widget(pipeline)
+    blocking.attach(FakeRunner())  # type: ignore[arg-type]
+    started(blocking, time.time())
+    assert blocking.blocking and "Interrupt the kernel" in blocking.cancel_button.description
+    finish(blocking, RunStatus.SUCCEEDED, time.time())
+
+    background = make_widget(pipeline)
+    background.attach(FakeRunner())  # type: ignore[arg-type]
+    in_thread(started, background, time.time())
+    assert not background.blocking and background.cancel_button.description == "Cancel"
+    assert not background.cancel_button.disabled
+    finish(background, RunStatus.SUCCEEDED, time.time())
+
+
+class FakeUiEvents:
+    """jupyter_ui_poll.ui_events: `with ui_events() as poll`; `act(widget)` runs in one of the polls."""
+
+    def __init__(self, widgets: list[RunWidget], act):
+        self.widgets, self.act = widgets, act
+        self.polls: list[tuple[int, str]] = []
+        self.entered = self.exited = 0
+        self.acted = False
+
+    def __call__(self) -> FakeUiEvents:
+        return self
+
+    def __enter__(self):
+        self.entered += 1
+        return self.poll
+
+    def __exit__(self, *exc) -> None:
+        self.exited += 1
+
+    def poll(self, n: int) -> None:
+        self.polls.append((n, threading.current_thread().name))
+        [w] = self.widgets
+        numbers = w.rows["numbers"]
+        if not self.acted and numbers.cells_done >= 2 and numbers.status == StepStatus.RUNNING:
+            self.acted = True
+            self.act(w)
+
+
+def click_cancel(w: RunWidget) -> None:
+    assert not w.blocking
+    assert not w.cancel_button.disabled and w.cancel_button.description == "Cancel"
+    w.cancel_button.click()
+
+
+def interrupt_the_kernel(w: RunWidget) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.fixture
+def shown(monkeypatch) -> list[RunWidget]:
+    """The widgets nbflow.run shows, kept here instead of displayed."""
+    widgets: list[RunWidget] = []
+    monkeypatch.setattr(RunWidget, "show", lambda self: widgets.append(self))
+    return widgets
+
+
+@pytest.mark.parametrize("act", [click_cancel, interrupt_the_kernel])
+def test_a_blocking_run_waits_processing_ui_events_and_cancels_cleanly(fixture_pipeline, monkeypatch, shown, act):
+    """With jupyter-ui-poll the run goes on in a thread while the cell polls: Cancel and ■ both stop it cleanly."""
+    root = fixture_pipeline("widget_slow_steps")
+    ui_events = FakeUiEvents(shown, act)
+    monkeypatch.setattr(api, "_ui_poller", lambda: ui_events)
+    threads: set[str] = set()
+    result = nbflow.run(root, parameters={"delay": 3}, display=True,
+                        listeners=[lambda _e: threads.add(threading.current_thread().name)])
+    assert isinstance(result, RunResult)  # not a RunHandle: the cell waited
+    [w] = shown
+    assert ui_events.acted and (ui_events.entered, ui_events.exited) == (1, 1)
+    assert {name for _n, name in ui_events.polls} == {threading.main_thread().name}
+    assert threads == {"nbflow-run"}
+    assert not any(t.name == "nbflow-run" for t in threading.enumerate())
+    assert result.status == RunStatus.CANCELLED
+    numbers = result.steps["numbers"]
+    assert numbers.status == StepStatus.CANCELLED
+    assert numbers.notebook and (root / numbers.notebook).exists()  # the running step's executed notebook is kept
+    assert result.steps["total"].status in (StepStatus.CANCELLED, StepStatus.NOT_RUN)
+    assert w.result is result and "cancelled" in text(w.title)
+    assert result.duration_s < 15  # stopped early, not after the 3 x 3 s of sleeping cells
+
+
+def test_a_blocking_run_without_ui_polling_holds_the_kernel(fixture_pipeline, monkeypatch, shown):
+    """ipykernel 7, or no jupyter-ui-poll: the run uses the cell's thread and the widget points to the interrupt."""
+    root = fixture_pipeline("widget_slow_steps")
+    monkeypatch.setattr(api, "_ui_poller", lambda: None)
+    seen: list[tuple[str, bool, str]] = []
+
+    def listener(event) -> None:
+        if isinstance(event, RunStarted):
+            [w] = shown
+            seen.append((threading.current_thread().name, w.blocking, w.cancel_button.description))
+
+    result = nbflow.run(root, ["numbers"], parameters={"delay": 0}, display=True, listeners=[listener])
+    assert result.ok
+    [(thread, blocking, label)] = seen
+    assert thread == threading.main_thread().name and blocking and "Interrupt the kernel" in label
+
+
+def test_ui_polling_only_where_it_can_deliver_clicks(monkeypatch):
+    """jupyter-ui-poll hands clicks to a waiting cell on ipykernel 6 only (7.0 reads the shell on its own thread,
+    7.1 removed do_one_iteration), and from the kernel's main thread only."""
+    import ipykernel
+    import jupyter_ui_poll
+
+    assert api._ui_poller() is None  # not in a kernel
+    monkeypatch.setattr(api, "_in_jupyter", lambda: True)
+    monkeypatch.setattr(ipykernel, "__version__", "6.31.0")
+    assert api._ui_poller() is jupyter_ui_poll.ui_events
+    found: list = []
+    in_thread(lambda: found.append(api._ui_poller()))
+    assert found == [None]
+    for version in ("7.0.1", "7.4.0", "8.0.0"):
+        monkeypatch.setattr(ipykernel, "__version__", version)
+        assert api._ui_poller() is None
+    monkeypatch.setattr(ipykernel, "__version__", "6.31.0")
+    monkeypatch.setitem(__import__("sys").modules, "jupyter_ui_poll", None)  # not installed
+    assert api._ui_poller() is None
 
 
 def test_timer_moves_elapsed_while_running_and_stops_at_run_finished(pipeline, monkeypatch):
@@ -238,6 +384,18 @@ def test_timer_moves_elapsed_while_running_and_stops_at_run_finished(pipeline, m
     finish(w, RunStatus.SUCCEEDED, t0)
     w._timer.join(1)
     assert not w._timer.is_alive()
+
+
+def test_the_timer_ends_with_the_run(pipeline, monkeypatch):
+    """Nothing of the widget outlives RunFinished: the next cell finds no timer thread, even mid-tick."""
+    monkeypatch.setattr(widget_module, "TICK_S", 30.0)
+    w = make_widget(pipeline)
+    t0 = time.time()
+    started(w, t0)
+    assert w._timer is not None and w._timer.is_alive()
+    finish(w, RunStatus.SUCCEEDED, t0)
+    assert not w._timer.is_alive()
+    assert time.time() - t0 < 5
 
 
 def test_graph_is_redrawn_on_state_changes_only(pipeline, monkeypatch):

@@ -7,13 +7,16 @@ a saved notebook for viewers without widget state (GitHub, nbviewer). It is a
 listener: it reads events and calls nothing on the Runner but `cancel()`.
 ipywidgets is imported here and nowhere else in nbflow.
 
-Widget values are set from the Runner's thread (the cell's own thread while a
-blocking `nbflow.run` holds the kernel) and from the timer thread: ipywidgets
-sends each change as a comm message on IOPub, which works from any thread, so
-the frontend updates while the cell is busy. Clicks, though, arrive on the
-shell channel, which the kernel reads only between cells: while a blocking run
-holds the kernel, the way to stop it is the kernel's interrupt (the Runner
-turns KeyboardInterrupt into a clean cancel), and the widget says so.
+Widget values are set from the Runner's thread and from the timer thread:
+ipywidgets sends each change as a comm message on IOPub, which works from any
+thread, so the frontend updates while the cell is busy. Clicks, though, arrive
+on the shell channel, which the kernel reads only between cells. Whoever
+starts the run says whether a click can reach the kernel while it goes on
+(`attach(runner, can_cancel=...)`): yes for a background run, and for a
+blocking run that `nbflow.run` waits for while processing UI events
+(jupyter-ui-poll); no for a blocking run on the cell's own thread, where the
+way to stop it is the kernel's interrupt (the Runner turns KeyboardInterrupt
+into a clean cancel), and the widget says so.
 """
 
 from __future__ import annotations
@@ -129,19 +132,32 @@ class RunWidget:
         self.result: RunResult | None = None
         self.runner: "Runner | None" = None
         self.blocking = False  # the run holds the kernel: clicks wait until the cell ends
+        self._can_cancel: bool | None = None  # set by attach(); None: guessed from the thread at RunStarted
         self.cancel_requested = False
         self._lock = threading.RLock()
         self._ticking = threading.Event()
+        self._stop_ticking = threading.Event()  # wakes the timer at once when the run ends
         self._timer: threading.Thread | None = None
         self._handle: Any = None
         self._build()
         self._refresh_all()
 
     # -- public ----------------------------------------------------------------------
-    def attach(self, runner: "Runner") -> None:
-        """Let the Cancel button stop `runner`."""
-        self.runner = runner
-        self.cancel_button.disabled = False
+    def attach(self, runner: "Runner", can_cancel: bool | None = None) -> None:
+        """Let the Cancel button stop `runner`.
+
+        `can_cancel`: whether a click reaches the kernel while the run goes on
+        (False: the run holds the kernel, so the button points to the kernel's
+        interrupt instead). None guesses from the thread the run starts on: the
+        main thread holds the kernel.
+        """
+        with self._lock:
+            self.runner = runner
+            self._can_cancel = can_cancel
+            if can_cancel is not None:
+                self.blocking = not can_cancel
+            self.cancel_button.disabled = False
+            self._refresh_header()
 
     def show(self) -> None:
         """Display the widget, with a text/html twin that is replaced by the final table when the run ends."""
@@ -162,13 +178,17 @@ class RunWidget:
     def __call__(self, event: Event) -> None:
         with self._lock:
             self._handle_event(event)
+        if isinstance(event, RunFinished) and self._timer is not None \
+                and self._timer is not threading.current_thread():
+            self._timer.join(5)  # it stops at once: nothing of the run outlives it
 
     # -- events ----------------------------------------------------------------------
     def _handle_event(self, event: Event) -> None:
         if isinstance(event, RunStarted):
             self.run_id = event.run_id
             self.started_at = event.started_at
-            self.blocking = threading.current_thread() is threading.main_thread()
+            if self._can_cancel is None:
+                self.blocking = threading.current_thread() is threading.main_thread()
             self._refresh_header()
             self._start_timer()
             return
@@ -224,6 +244,7 @@ class RunWidget:
         self.run_status = result.status
         self.started_at, self.finished_at = result.started_at, result.finished_at
         self._ticking.clear()
+        self._stop_ticking.set()
         for name, final in result.steps.items():
             row = self.rows.get(name)
             if row is None:
@@ -251,8 +272,7 @@ class RunWidget:
         self._timer.start()
 
     def _tick_until_finished(self) -> None:
-        while self._ticking.is_set():
-            time.sleep(TICK_S)
+        while self._ticking.is_set() and not self._stop_ticking.wait(TICK_S):
             with self._lock:
                 if not self._ticking.is_set():
                     return
