@@ -1,0 +1,58 @@
+"""The example pipeline in notebooks/, as a new user meets it (README command 1 and what follows)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def nbflow(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nbflow.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def steps(proc: subprocess.CompletedProcess) -> dict[str, str]:
+    assert proc.returncode == 0, proc.stderr
+    return {s["name"]: s["status"] for s in json.loads(proc.stdout)["steps"]}
+
+
+def test_example_runs_skips_reruns_what_changed_and_follows_parameters(tmp_path):
+    pipeline = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", pipeline,
+                    ignore=shutil.ignore_patterns("_nbflow", "tutorial_work", "staging", "clean", "marts", "warehouse",
+                                                  "reports", ".ipynb_checkpoints"))
+    first = steps(nbflow("run", str(pipeline), "--json"))
+    assert set(first) == {"extract", "clean", "monthly", "by_weather", "load", "report"}
+    assert set(first.values()) == {"succeeded"}
+    assert (pipeline / "data" / "reports" / "monthly_temperature.png").stat().st_size > 10_000
+
+    assert set(steps(nbflow("run", str(pipeline), "--json")).values()) == {"skipped"}
+
+    # edit one notebook so that its output changes: it and its dependents rerun, nothing else
+    path = pipeline / "monthly.ipynb"
+    nb = json.loads(path.read_text())
+    cell = nb["cells"][3]
+    cell["source"] = "".join(cell["source"]).replace('.strftime("%Y-%m")', '.strftime("%Y/%m")')
+    path.write_text(json.dumps(nb, indent=1))
+    status = {s["name"]: s for s in json.loads(nbflow("status", str(pipeline), "--json").stdout)["steps"]}
+    assert status["monthly"]["reasons"] == ["cell 4 changed"]
+    assert "upstream monthly reruns" in status["load"]["reasons"]
+    assert status["clean"]["state"] == "fresh" and status["by_weather"]["state"] == "fresh"
+    rerun = steps(nbflow("run", str(pipeline), "--json"))
+    assert {n for n, s in rerun.items() if s == "succeeded"} == {"monthly", "load", "report"}
+
+    # the parameter worth changing: fewer years in the warehouse
+    def days() -> int:
+        with sqlite3.connect(pipeline / "data" / "warehouse" / "weather.sqlite") as db:
+            return db.execute("SELECT COUNT(*) FROM daily").fetchone()[0]
+
+    before = days()
+    changed = steps(nbflow("run", str(pipeline), "-p", "clean.min_year=2014", "--json"))
+    assert changed["extract"] == "skipped"
+    assert {n for n, s in changed.items() if s == "succeeded"} == {"clean", "monthly", "by_weather", "load", "report"}
+    assert (before, days()) == (1461, 730)
