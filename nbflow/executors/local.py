@@ -67,7 +67,19 @@ class LocalExecutor:
             return
         try:
             self._call(self.pool.close()).result(timeout=30)
+            self._call(_cancel_leftover_tasks()).result(timeout=10)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.loop.close()
+
+
+async def _cancel_leftover_tasks() -> None:
+    """Cancel the helper tasks a cancelled cell can leave behind (a kernel-alive poller).
+
+    Else closing the loop prints "Task was destroyed but it is pending!" after a Ctrl-C.
+    """
+    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in leftovers:
+        t.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)

@@ -1,6 +1,6 @@
 """Execute one attempt of one step: a fresh kernel, the cells, the executed copy.
 
-Owns: driving nbclient cell by cell (emitting CellStarted/CellFinished), the
+Owns: driving the cells one by one (`cells.CellRunner`, emitting CellStarted/CellFinished), the
 step timeout, cancellation, turning every way a step can end (exception, cell
 timeout, step timeout, dead kernel, missing output, cancel) into a StepOutcome,
 and always saving the executed notebook before the kernel is stopped.
@@ -30,9 +30,7 @@ _ARROW = re.compile(r"^-+>\s*(\d+)", re.MULTILINE)
 
 
 async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOutcome:
-    import nbformat  # noqa: PLC0415 - executor only
-    from nbclient import NotebookClient  # noqa: PLC0415
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError  # noqa: PLC0415
+    from .cells import CellExecutionError, CellRunner, CellTimeoutError, DeadKernelError  # noqa: PLC0415
 
     from ..kernels import KernelRequest, KernelStartError  # noqa: PLC0415
 
@@ -40,24 +38,20 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
     root = Path(task.root)
     executed_path = Path(task.executed)
     rel_executed = executed_path.relative_to(root).as_posix()
-    _keep_previous_attempt(executed_path, task.attempt)
-
     source = load_notebook_json(Path(task.source), task.rel_source)
     assert isinstance(source, dict)
-    nb_dict, numbers = executed.prepare(
+    nb, numbers = executed.prepare(
         source, task.parameters, parameters_cell=task.parameters_cell, kernel=task.kernel,
         language=task.language, input_path=task.rel_source, output_path=rel_executed)
-    nb = nbformat.from_dict(nb_dict)
-    code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
+    code_cells = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and c["source"].strip()]
     total = len(code_cells)
     emit(StepStarted(task.step, task.attempt, rel_executed, total, started_at, task.reasons))
 
     error: StepError | None = None
     status = StepStatus.SUCCEEDED
-    current: int | None = None  # index (in nb.cells) of the cell running now
+    current: int | None = None  # index (in nb["cells"]) of the cell running now
     last_done: int | None = None
     kernel = None
-    client = None
 
     def number(i: int | None) -> int | None:
         return None if i is None else (numbers[i] or None)
@@ -73,20 +67,16 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
         async with step_timer:
             request = KernelRequest(task.kernel, task.cwd, task.env)
             kernel = await pool.acquire(task.step, request)
-            client = NotebookClient(nb, km=kernel.km, timeout=task.cell_timeout,
-                                    allow_errors=False, record_timing=True,
-                                    resources={"metadata": {"path": task.cwd}})
-            client.reset_execution_trackers()
-            client.kc = kernel.kc
+            runner = CellRunner(kernel.km, kernel.kc, timeout=task.cell_timeout)
             for position, i in enumerate(code_cells, start=1):
-                cell = nb.cells[i]
+                cell = nb["cells"][i]
                 current = i
                 emit(CellStarted(task.step, numbers[i], position, total))
                 t0 = time.time()
                 executed.mark_cell(cell, "running", start=t0)
                 ok = False
                 try:
-                    await client.async_execute_cell(cell, i, execution_count=client.code_cells_executed + 1)
+                    await runner.execute_cell(cell, execution_count=runner.cells_executed + 1)
                     ok = True
                 finally:
                     t1 = time.time()
@@ -107,7 +97,7 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
         error = StepError("exception", e.ename or "Error", _ANSI.sub("", e.evalue or ""), number(current),
                           _failing_line(nb, current, tb), tb)
     except DeadKernelError:
-        # nbclient turns a cancellation of the running cell into DeadKernelError("Kernel died"):
+        # a kernel that dies while the run is being cancelled or timed out counts as that:
         # ask the task and the step timer whether it was our own cancel or timeout.
         me = asyncio.current_task()
         if me is not None and me.cancelling():
@@ -142,19 +132,22 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
                               "declared output" + ("s " if len(missing) > 1 else " ") + ", ".join(missing)
                               + " was not written by the notebook; write it, or remove it from `outputs`")
     if current is not None and status != StepStatus.SUCCEEDED:
-        executed.mark_cell(nb.cells[current], "failed" if status == StepStatus.FAILED else "cancelled",
+        executed.mark_cell(nb["cells"][current], "failed" if status == StepStatus.FAILED else "cancelled",
                            end=time.time(), exception=True)
     banner = None if status == StepStatus.SUCCEEDED else (error.summary() if error else "failed")
     executed.finish(nb, started_at, failed_cell=current if error and error.kind != "missing_output" else None,
                     banner=banner)
-    notebook: str | None = rel_executed
+    notebook: str | None = None
     try:
         executed.write_atomic(nb, executed_path)
-        latest = Path(task.latest)
-        latest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(executed_path, latest)
+        notebook = rel_executed
+        if status == StepStatus.FAILED and task.attempt <= task.retries:
+            # a retry may follow and overwrite <step>.ipynb: this attempt keeps its own copy
+            kept = executed_path.with_name(f"{executed_path.stem}.attempt-{task.attempt}{executed_path.suffix}")
+            shutil.copyfile(executed_path, kept)
+            notebook = kept.relative_to(root).as_posix()
+        executed.write_atomic(nb, Path(task.latest))
     except OSError as e:
-        notebook = None
         if error is None:
             status = StepStatus.FAILED
             error = StepError("exception", "OSError", f"cannot save the executed notebook {rel_executed}: {e}")
@@ -165,16 +158,10 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
                        kernel.mode if kernel is not None else None)
 
 
-def _keep_previous_attempt(path: Path, attempt: int) -> None:
-    """Before attempt k, the executed copy of attempt k-1 becomes `<step>.attempt-<k-1>.ipynb`."""
-    if attempt > 1 and path.exists():
-        path.replace(path.with_name(f"{path.stem}.attempt-{attempt - 1}{path.suffix}"))
-
-
 def _first_line(nb, i: int | None) -> str | None:
     if i is None:
         return None
-    lines = [ln for ln in nb.cells[i].source.splitlines() if ln.strip()]
+    lines = [ln for ln in nb["cells"][i]["source"].splitlines() if ln.strip()]
     return lines[0] if lines else None
 
 
@@ -182,7 +169,7 @@ def _failing_line(nb, i: int | None, traceback: str) -> str | None:
     """The line of the cell the traceback points at (IPython marks it with '---->')."""
     if i is None:
         return None
-    source_lines = nb.cells[i].source.splitlines()
+    source_lines = nb["cells"][i]["source"].splitlines()
     cell_part = traceback.split("Traceback", 1)[-1]
     found = _ARROW.findall(cell_part.split("\nFile ", 1)[0]) or _ARROW.findall(cell_part)
     if found:

@@ -1,0 +1,138 @@
+"""The benchmark workloads: folders of small generated notebooks.
+
+Owns: writing each workload's notebooks (and, for Ploomber, its
+`pipeline.yaml`). Stdlib only, so it runs under any interpreter; nothing here
+times or executes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+def _notebook(cells: list[tuple[str, str]]) -> dict:
+    """cells: (source, role) with role "parameters" or "" for an ordinary code cell."""
+    out = []
+    for i, (source, role) in enumerate(cells):
+        meta = {"tags": ["parameters"]} if role == "parameters" else {}
+        out.append({"cell_type": "code", "id": f"c{i}", "metadata": meta, "execution_count": None,
+                    "outputs": [], "source": source})
+    return {"cells": out,
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                         "language_info": {"name": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def _write(path: Path, cells: list[tuple[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_notebook(cells), indent=1))
+    return path
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def step_name(i: int) -> str:
+    return f"s{i:03d}"
+
+
+_WRITE = 'open(outputs["out"], "w").write("x")'
+
+
+def chain(folder: Path, n: int) -> list[Path]:
+    """n trivial steps, each reading the previous one's file: an nbflow pipeline, runnable by papermill too."""
+    _fresh(folder)
+    (folder / "data").mkdir()
+    paths = []
+    for i in range(n):
+        inputs = f'inputs = {{"prev": "data/{step_name(i - 1)}.txt"}}\n' if i else ""
+        params = inputs + f'outputs = {{"out": "data/{step_name(i)}.txt"}}'
+        read = 'open(inputs["prev"]).read()\n' if i else ""
+        paths.append(_write(folder / f"{step_name(i)}.ipynb", [(params, "parameters"), (read + _WRITE, "")]))
+    return paths
+
+
+def independent(folder: Path, n: int) -> list[Path]:
+    """n trivial steps that share nothing: they can all run at once."""
+    _fresh(folder)
+    (folder / "data").mkdir()
+    return [_write(folder / f"{step_name(i)}.ipynb",
+                   [(f'outputs = {{"out": "data/{step_name(i)}.txt"}}', "parameters"), (_WRITE, "")])
+            for i in range(n)]
+
+
+def many_cells(folder: Path, cells: int) -> Path:
+    """One step of `cells` trivial code cells (plus its parameters cell)."""
+    _fresh(folder)
+    body = [(f"x{i} = {i}", "") for i in range(cells - 1)]
+    return _write(folder / "cells.ipynb", [("n = 1", "parameters"), *body])
+
+
+def dataframe_handover(folder: Path, rows: int) -> None:
+    """Two steps handing over a DataFrame with nbflow.glue / consumes, timing the hand-over from inside.
+
+    Each kernel reads its CPU clock (time.process_time: robust on a busy
+    machine) around the glue cell, around the injected-parameters cell that
+    loads the value, and around a trivial cell (what one cell costs anyway),
+    and writes the numbers to timings-<step>.json. pandas is imported before,
+    as any step handing over a DataFrame has done.
+    """
+    _fresh(folder)
+    frame = handover_frame_code(rows)
+    _write(folder / "produce.ipynb", [
+        ('publishes = ["frame"]', "parameters"),
+        (f"import json, time\nimport pandas as pd\nframe = {frame}", ""),
+        ("t0 = time.process_time()", ""),
+        ("1", ""),
+        ("t1 = time.process_time()", ""),
+        ('import nbflow\nnbflow.glue("frame", frame)', ""),
+        ('t2 = time.process_time()\njson.dump({"trivial": t1 - t0, "glue": t2 - t1}, open("timings-produce.json", "w"))',
+         ""),
+    ])
+    _write(folder / "consume.ipynb", [
+        ('import json, time\nimport pandas as pd\nconsumes = ["frame"]\noutputs = {"rows": "rows.txt"}\nframe = None\n'
+         "t0 = time.process_time()", "parameters"),
+        # here nbflow injects `frame = load_value(...)`
+        ("t1 = time.process_time()", ""),
+        ("1", ""),
+        ('t2 = time.process_time()\njson.dump({"load": t1 - t0, "trivial": t2 - t1}, open("timings-consume.json", "w"))\n'
+         'open(outputs["rows"], "w").write(str(len(frame)))', ""),
+    ])
+
+
+def handover_frame_code(rows: int) -> str:
+    """The frame the producer step builds, as an expression (also used by the parquet-alone baseline)."""
+    return (f"pd.DataFrame({{'x': range({rows}), 'y': [float(i) for i in range({rows})],"
+            f" 'name': [f'row{{i}}' for i in range({rows})]}})")
+
+
+def dag(folder: Path, n: int) -> None:
+    """n trivial steps; step i reads the files of steps i-1 and i-10 (a long, layered DAG)."""
+    _fresh(folder)
+    (folder / "data").mkdir()
+    for i in range(n):
+        ups = [j for j in (i - 1, i - 10) if j >= 0]
+        inputs = ", ".join(f'"u{j}": "data/{step_name(j)}.txt"' for j in ups)
+        params = (f"inputs = {{{inputs}}}\n" if ups else "") + f'outputs = {{"out": "data/{step_name(i)}.txt"}}'
+        _write(folder / f"{step_name(i)}.ipynb", [(params, "parameters"), (_WRITE, "")])
+
+
+def ploomber_chain(folder: Path, n: int) -> None:
+    """The same chain for Ploomber: `upstream` / `product` in the parameters cell, a pipeline.yaml."""
+    _fresh(folder)
+    tasks = []
+    for i in range(n):
+        name = step_name(i)
+        upstream = f'["{step_name(i - 1)}"]' if i else "None"
+        read = f'open(upstream["{step_name(i - 1)}"]["data"]).read()\n' if i else ""
+        _write(folder / f"{name}.ipynb", [(f"upstream = {upstream}\nproduct = None", "parameters"),
+                                          (read + 'open(product["data"], "w").write("x")', "")])
+        tasks.append(f"  - source: {name}.ipynb\n    product:\n      nb: output/{name}.ipynb\n"
+                     f"      data: output/{name}.txt\n")
+    (folder / "pipeline.yaml").write_text("tasks:\n" + "".join(tasks))
