@@ -57,16 +57,17 @@ class Sizes:
     dag_run: bool = True  # run the 200-step pipeline once, then time `status` on it all fresh
     ploomber: bool = True
     papermill_cli: bool = True
-    warm_baselines: bool = True  # an untimed papermill loop before the timed ones
+    loop_runs: int = 5  # papermill loop (in-process), interleaved with the first nbflow runs
+    warmups: bool = True  # one untimed run of each tool before the timed ones
 
 
 def sizes_for(mode: str) -> Sizes:
     if mode == "quick":
         return Sizes(runs=3, slow_runs=1, chain_samples=5, boots=3, parquet_samples=3, dag_run=False,
-                     papermill_cli=False, warm_baselines=False)
+                     papermill_cli=False, loop_runs=2, warmups=False)
     if mode == "smoke":
         return Sizes(chain=2, independent=2, cells=5, dag=6, runs=1, slow_runs=1, chain_samples=2, boots=1,
-                     parquet_samples=1, dag_run=True, ploomber=False, papermill_cli=False)
+                     parquet_samples=1, dag_run=True, ploomber=False, papermill_cli=False, loop_runs=1, warmups=False)
     return Sizes()
 
 
@@ -144,15 +145,15 @@ class Bench:
         pl_dir = self.work / "ploomber-chain"
         if ploomber:
             workloads.ploomber_chain(pl_dir, s.chain)
-        self.nbflow("run", "chain", "--force", "--json")  # warm-ups: page cache, bytecode, the ledger's creation
-        if s.warm_baselines:
+        if s.warmups:  # page cache, bytecode, the ledger's creation
+            self.nbflow("run", "chain", "--force", "--json")
             self.call([self.python, str(PROBE), "papermill-loop", str(chain), str(pm_out)])
         for r in range(max(s.runs, s.chain_samples)):
             wall, result, cpu = self.nbflow("run", "chain", "--force", "--json")
             assert isinstance(result, dict) and result["status"] == "succeeded", result
             nb_times.append(wall)
             nb_cpu.append(cpu)
-            if r < s.runs:
+            if r < s.loop_runs:
                 wall, out, _ = self.call([self.python, str(PROBE), "papermill-loop", str(chain), str(pm_out)])
                 loop.append(wall)
                 loop_inner.append(json.loads(out.strip().splitlines()[-1])["loop_s"])
@@ -167,7 +168,7 @@ class Bench:
                 pl.append(wall)
         self.raw["chain_forced"] = {"nbflow": nb_times, "nbflow_cpu": nb_cpu, "papermill_loop": loop,
                                     "papermill_loop_inner": loop_inner, "papermill_cli": cli, "ploomber": pl}
-        nbm = statistics.median(nb_times[: s.runs])
+        nbm = statistics.median(nb_times[: max(s.runs, s.loop_runs)])
         n = f"{s.chain}-step chain, forced"
         lm = statistics.median(loop)
         self.add(Row(n, f"{nbm:.2f} s", f"papermill loop {lm:.2f} s", nbm / lm, "<= 0.30", nbm / lm <= 0.30,
@@ -221,7 +222,8 @@ class Bench:
         boot_cpu = statistics.median(boots["cpu_s"])
         floor = s.independent * boot_cpu / s.jobs
         times, cpus = [], []
-        self.nbflow("run", "independent", "--force", "--json", "-j", str(s.jobs))  # warm-up
+        if s.warmups:
+            self.nbflow("run", "independent", "--force", "--json", "-j", str(s.jobs))
         for _ in range(s.runs):
             wall, result, cpu = self.nbflow("run", "independent", "--force", "--json", "-j", str(s.jobs))
             assert isinstance(result, dict) and result["status"] == "succeeded", result
@@ -240,7 +242,8 @@ class Bench:
         nb = workloads.many_cells(folder, s.cells)
         out = self.work / "nbclient-out.ipynb"
         mine, plain, plain_exec = [], [], []
-        self.nbflow("run", "cells", "--force", "--json")  # warm-up
+        if s.warmups:
+            self.nbflow("run", "cells", "--force", "--json")
         for _ in range(s.runs):
             wall, result, _ = self.nbflow("run", "cells", "--force", "--json")
             assert isinstance(result, dict) and result["status"] == "succeeded", result
@@ -259,11 +262,11 @@ class Bench:
         folder = self.work / "dataframe"
         workloads.dataframe_handover(folder, DF_ROWS)
         glue, load, trivial, walls = [], [], [], []
-        for i in range(s.runs + 1):
+        for i in range(s.runs + s.warmups):
             _, result, _ = self.nbflow("run", "dataframe", "--force", "--json")
             assert isinstance(result, dict) and result["status"] == "succeeded", result
-            if i == 0:
-                continue  # warm-up
+            if i < s.warmups:
+                continue
             produce = json.loads((folder / "timings-produce.json").read_text())
             consume = json.loads((folder / "timings-consume.json").read_text())
             glue.append(produce["glue"])

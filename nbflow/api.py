@@ -47,6 +47,7 @@ class Pipeline:
 
     def __init__(self, path: str | os.PathLike = "."):
         self._graph: Graph = build_graph(path)
+        self._read_again = False  # the first status() uses the graph just read
         self.root: Path = self._graph.root
         self.last_result: RunResult | None = None
 
@@ -68,7 +69,10 @@ class Pipeline:
         from .plan import kernel_of  # noqa: PLC0415
         from .state import Ledger, assess  # noqa: PLC0415
 
-        self._graph = g = build_graph(self.root)  # the notebooks as they are now, not as first read
+        if self._read_again:  # the notebooks as they are now, not as first read
+            self._graph = build_graph(self.root)
+        self._read_again = True
+        g = self._graph
         params = resolve_parameters(g, parameters)
         ledger = Ledger(g.state_dir, create=False)
         try:
