@@ -176,6 +176,10 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         steps = [steps]
     problems: list[Problem] = []
     graph = build_graph(pipeline, collect=problems)
+    if not graph.steps and not problems:
+        seen = f" ({len(graph.not_steps)} notebook(s) without one)" if graph.not_steps else ""
+        raise PipelineError(Problem(f"no steps in {graph.root}: no notebook there has a cell tagged "
+                                    f"'parameters'{seen}; check the folder, or tag each step's parameters cell"))
     if problems:  # invalid: add what planning finds, without creating or locking _nbflow/
         history = Ledger(graph.state_dir, create=False)
         try:

@@ -15,14 +15,18 @@ from typing import Any
 
 import click
 
-from .errors import NbflowError, PipelineError
+from .errors import CommandError, NbflowError, PipelineError
 
 PIPELINE = click.argument("pipeline", type=click.Path(file_okay=False, path_type=Path))
 
 
-def _fail(error: NbflowError) -> None:
-    click.echo(f"nbflow: {error}" if not isinstance(error, PipelineError) else f"nbflow: invalid pipeline: {error}",
+def _fail(error: NbflowError, as_json: bool = False) -> None:
+    click.echo(f"nbflow: invalid pipeline: {error}" if isinstance(error, PipelineError) else f"nbflow: {error}",
                err=True)
+    if as_json:  # a tool reading stdout still gets one JSON object
+        problems = [{"message": p.message, "file": p.file, "line": p.line, "step": p.step}
+                    for p in getattr(error, "problems", [])]
+        click.echo(json.dumps({"error": str(error), "exit_code": error.exit_code, "problems": problems}))
     sys.exit(error.exit_code)
 
 
@@ -31,7 +35,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except NbflowError as e:
-            _fail(e)
+            _fail(e, as_json="--json" in sys.argv[1:])
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -124,7 +128,7 @@ def status(pipeline: Path, parameters: tuple[str, ...], as_json: bool) -> None:
 
 @main.command()
 @PIPELINE
-@click.option("-n", "--limit", type=int, default=20, show_default=True, help="How many runs.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="How many runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def history(pipeline: Path, limit: int, as_json: bool) -> None:
     """Past runs, newest first."""
@@ -161,7 +165,7 @@ def show(pipeline: Path, run_id: str, as_json: bool) -> None:
         if len(matches) != 1:
             from .errors import did_you_mean  # noqa: PLC0415
 
-            raise PipelineError(f"no run {run_id!r}{did_you_mean(run_id, ids)}; see `nbflow history {pipeline}`"
+            raise CommandError(f"no run {run_id!r}{did_you_mean(run_id, ids)}; see `nbflow history {pipeline}`"
                                 if not matches else f"{run_id!r} matches {len(matches)} runs; give more of the id")
         rows = ledger.step_runs(matches[0])
     finally:
@@ -201,7 +205,8 @@ def lineage(pipeline: Path, path: Path, as_json: bool) -> None:
     finally:
         ledger.close()
     if info is None:
-        raise PipelineError(f"{rel}: no successful run recorded this file as an output")
+        raise CommandError(f"{rel}: no successful run recorded this file as an output (source data, or never "
+                           "made by a step of this pipeline)")
     current = sha256_file(root / rel) if (root / rel).exists() else None
     info["path"] = rel
     info["current_matches"] = current == info["sha256"]

@@ -58,6 +58,12 @@ class PipelineError(NbflowError):
         return (type(self), (self.problems,))
 
 
+class CommandError(NbflowError):
+    """The command names something that does not exist (a run id, a file): exit code 2."""
+
+    exit_code = 2
+
+
 class StepFailed(NbflowError):
     """A step failed or the run was cancelled (exit code 1)."""
 

@@ -24,8 +24,15 @@ PAPERMILL_COMPAT_VERSION = "2.7.0"
 
 def python_assignments(parameters: dict[str, Any], comment: str = "Parameters") -> str:
     lines = [f"# {comment}"]
-    lines += [f"{name} = {value!r}" for name, value in parameters.items()]
+    lines += [f"{name} = {_literal(value)}" for name, value in parameters.items()]
     return "\n".join(lines) + "\n"
+
+
+def _literal(value: Any) -> str:
+    """Python source for a value; repr() of nan and inf is not valid code."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return f"float({str(value)!r})"
+    return repr(value)
 
 
 def parameters_source(parameters: dict[str, Any], kernel: str, language: str) -> str:

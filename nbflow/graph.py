@@ -212,7 +212,7 @@ def build_graph(root: str | os.PathLike, config: Config | None = None,
     try:
         order = tuple(_stable_order(sorter))
     except graphlib.CycleError as e:
-        cycle = list(reversed(e.args[1]))
+        cycle = list(e.args[1])  # each step is followed by one that reads what it writes
         problems.append(Problem("cycle: " + " -> ".join(cycle) + "; a step cannot depend on its own outputs",
                                 file=steps[cycle[0]].rel_path if cycle[0] in steps else None))
     if problems:
@@ -300,6 +300,13 @@ def resolve_parameters(graph: Graph, overrides: Mapping[str, Any] | None = None)
                 continue
             if pname not in chosen:
                 continue  # the notebook's own default stays; nothing injected
+            yaml_params = graph.config.steps.get(name, _EMPTY).parameters
+            if pname in yaml_params and chosen[pname] is yaml_params[pname] and not _same_kind(chosen[pname], param):
+                problems.append(Problem(
+                    f"'steps.{name}.parameters.{pname}' must be {param.type_name} like the default "
+                    f"{param.source} in {step.rel_path}, not {chosen[pname]!r}", file="nbflow.yaml",
+                    line=graph.config.step_lines.get(name), step=name))
+                continue
             try:
                 values[pname] = coerce(chosen[pname], param)
             except ValueError as e:
@@ -309,6 +316,20 @@ def resolve_parameters(graph: Graph, overrides: Mapping[str, Any] | None = None)
     if problems:
         raise PipelineError(problems)
     return result
+
+
+def _same_kind(value: Any, param: Any) -> bool:
+    """A value from nbflow.yaml fits a parameter whose default is a literal of some type."""
+    kind = param.type_name
+    if kind in ("NoneType", "expression") or value is None:
+        return True
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "tuple":
+        return isinstance(value, (list, tuple))
+    return type(value).__name__ == kind
 
 
 def secret_env_var(name: str) -> str:

@@ -108,3 +108,10 @@ def test_help_is_fast_to_import():
     assert proc.returncode == 0 and "run" in proc.stdout
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
     assert not imported & {"papermill", "pandas", "nbformat", "jsonschema", "nbclient", "jupyter_client"}
+
+
+def test_json_errors_are_json_on_stdout_too(tmp_path):
+    proc = cli("run", str(tmp_path), "--json")
+    assert proc.returncode == 2 and "no steps in" in proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["exit_code"] == 2 and "no notebook there has a cell tagged 'parameters'" in out["error"]

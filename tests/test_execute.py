@@ -131,3 +131,21 @@ def test_invalid_pipeline_raises_before_any_kernel(fixture_pipeline):
     assert "no/such/file.csv, which does not exist" in text
     assert "kernel 'no-such-kernel' is not installed" in text
     assert "both write same.txt" in text and "not valid notebook JSON" in text
+
+
+def test_an_output_left_from_an_earlier_run_does_not_count_as_written(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "w.ipynb", 'outputs = {"o": "o.txt"}\nwrite = True',
+                     'if write:\n    open(outputs["o"], "w").write("x")')
+    assert nbflow.run(tmp_path, display=False).ok
+    result = nbflow.run(tmp_path, parameters={"write": False}, display=False)
+    error = result.steps["w"].error
+    assert error.kind == "missing_output" and "o.txt was not written by this run" in error.evalue
+
+
+def test_non_finite_floats_are_injected_as_valid_code(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "f.ipynb", 'outputs = {"o": "o.txt"}\nratio = 0.5',
+                     'open(outputs["o"], "w").write(repr(ratio))')
+    from nbflow.params import CliValue
+
+    assert nbflow.run(tmp_path, parameters={"ratio": CliValue("nan")}, display=False).ok
+    assert (tmp_path / "o.txt").read_text() == "nan"

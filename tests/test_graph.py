@@ -96,3 +96,18 @@ def test_secret_parameters_become_environment_references(tmp_path, notebook_fact
     graph = build_graph(tmp_path)
     params = resolve_parameters(graph, {"api_token": CliValue("s3cr3t")})
     assert params["s"] == {"api_token": EnvRef("NBFLOW_SECRET_API_TOKEN"), "user": EnvRef("NBFLOW_SECRET_USER")}
+
+
+def test_yaml_parameters_are_type_checked(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    (root / "nbflow.yaml").write_text("steps:\n  a:\n    parameters: {scale: '3'}\n")
+    with pytest.raises(PipelineError, match=r"nbflow.yaml:2: 'steps.a.parameters.scale' must be int like the default 2"):
+        resolve_parameters(build_graph(root))
+
+
+def test_cycle_follows_the_arrows(fixture_pipeline):
+    with pytest.raises(PipelineError) as err:
+        build_graph(fixture_pipeline("cycle"))
+    path = str(err.value).split("cycle: ")[1].split(";")[0].split(" -> ")
+    # x writes x.txt which y reads: y comes right after x in the printed path
+    assert path[path.index("x") + 1] == "y"

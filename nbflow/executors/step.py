@@ -35,6 +35,7 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
     from ..kernels import KernelRequest, KernelStartError  # noqa: PLC0415
 
     started_at = time.time()
+    before = {path: _identity(path) for _, path in task.outputs}  # to tell a fresh write from a stale file
     root = Path(task.root)
     executed_path = Path(task.executed)
     rel_executed = executed_path.relative_to(root).as_posix()
@@ -126,11 +127,19 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
 
     if status == StepStatus.SUCCEEDED:
         missing = [label for label, path in task.outputs if not os.path.exists(path)]
+        stale = [label for label, path in task.outputs
+                 if label not in missing and before[path] is not None and _identity(path) == before[path]]
         if missing:
             status = StepStatus.FAILED
             error = StepError("missing_output", "MissingOutput",
                               "declared output" + ("s " if len(missing) > 1 else " ") + ", ".join(missing)
                               + " was not written by the notebook; write it, or remove it from `outputs`")
+        elif stale:
+            status = StepStatus.FAILED
+            error = StepError("missing_output", "MissingOutput",
+                              "declared output" + ("s " if len(stale) > 1 else " ") + ", ".join(stale)
+                              + " was not written by this run (the file on disk is from before it); write it "
+                              "in the notebook, or remove it from `outputs`")
     if current is not None and status != StepStatus.SUCCEEDED:
         executed.mark_cell(nb["cells"][current], "failed" if status == StepStatus.FAILED else "cancelled",
                            end=time.time(), exception=True)
@@ -179,3 +188,10 @@ def _failing_line(nb, i: int | None, traceback: str) -> str | None:
     return _first_line(nb, i)
 
 
+def _identity(path: str) -> tuple[int, int, int] | None:
+    """(inode, size, mtime_ns) of a file, None if absent: any write or replacement changes it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
