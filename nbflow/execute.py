@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from .errors import StateError
 from .events import (Event, Listener, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled, StepFailed,
-                     StepNotRun, StepResult, StepSkipped, StepStarted, StepStatus, StepSucceeded)
+                     StepNotRun, StepResult, StepSkipped, StepStatus, StepSucceeded)
 from .executors import Executor, StepOutcome, StepTask
 from .graph import STATE_DIR
 from .plan import Plan, kernel_of

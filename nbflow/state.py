@@ -121,7 +121,8 @@ class Ledger:
         digest = sha256_file(path)
         try:
             with self.transaction() as c:
-                c.execute("INSERT OR REPLACE INTO file_cache VALUES (?,?,?,?)", (key, st.st_size, st.st_mtime_ns, digest))
+                c.execute("INSERT OR REPLACE INTO file_cache VALUES (?,?,?,?)",
+                          (key, st.st_size, st.st_mtime_ns, digest))
         except StateError:
             pass  # a cache miss is not worth failing for (read-only ledger while checking status)
         return digest, st.st_size
@@ -184,7 +185,8 @@ class Ledger:
 
     def lineage(self, rel_path: str) -> dict[str, Any] | None:
         row = self.conn.execute(
-            "SELECT s.id, s.run_id, s.step, s.finished_at, f.sha256 FROM files f JOIN step_runs s ON s.id=f.step_run_id "
+            "SELECT s.id, s.run_id, s.step, s.finished_at, f.sha256 FROM files f "
+            "JOIN step_runs s ON s.id=f.step_run_id "
             "WHERE f.path=? AND f.role='output' AND s.status='succeeded' ORDER BY s.finished_at DESC LIMIT 1",
             (rel_path,)).fetchone()
         if row is None:

@@ -30,7 +30,8 @@ def describe(event: Event) -> str | None:
     if isinstance(event, StepFailed):
         retry = f"; retrying in {event.retry_in_s:g}s" if event.will_retry else ""
         where = f"\n    at: {event.error.source_line}" if event.error.source_line else ""
-        kept = f"\n    notebook: {event.notebook}" if event.notebook else "\n    (the executed notebook could not be saved)"
+        kept = (f"\n    notebook: {event.notebook}" if event.notebook
+                else "\n    (the executed notebook could not be saved)")
         return f"{event.step}: FAILED after {event.duration_s:.2f}s: {event.error.summary()}{retry}{where}{kept}"
     if isinstance(event, StepCancelled):
         return f"{event.step}: cancelled" + (f" -> {event.notebook}" if event.notebook else "")
