@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .errors import PipelineError, Problem, StateError
+from .errors import PipelineError, Problem
 from .events import Listener, RunResult
 from .graph import STATE_DIR, Graph, build_graph, resolve_parameters
 from .notebook import Step
@@ -59,10 +59,6 @@ class Pipeline:
     def graph(self) -> dict[str, list[str]]:
         """Each step and the steps it depends on."""
         return {name: list(self._graph.upstream[name]) for name in self._graph.order}
-
-    @property
-    def validated_graph(self) -> Graph:
-        return self._graph
 
     def status(self, parameters: Mapping[str, Any] | None = None) -> list[StepState]:
         """Per step: fresh or stale, and why; notebooks that are not steps are listed too."""
@@ -333,10 +329,7 @@ def runs(pipeline: str | os.PathLike = ".", limit: int | None = None) -> list[di
     from .state import Ledger  # noqa: PLC0415
 
     state_dir = Path(pipeline).absolute() / STATE_DIR
-    try:
-        ledger = Ledger(state_dir, create=False)
-    except StateError:
-        raise
+    ledger = Ledger(state_dir, create=False)
     try:
         return ledger.runs(limit)
     finally:

@@ -19,7 +19,6 @@ import secrets
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import StateError
@@ -170,13 +169,9 @@ class Runner:
                 task = self._task(name, attempt=1)
                 running[name] = task
                 self._submit(task)
-            self._prestart(sorter, running, ready)
+            self._prestart(running, ready)
             if not running and not retry_at:
-                if ready:
-                    continue
-                if sorter.is_active():
-                    continue
-                break
+                continue  # nothing to wait for: the while condition decides whether more is to do
             timeout = None
             if retry_at:
                 timeout = max(0.0, retry_at[0][0] - time.time())
@@ -251,7 +246,7 @@ class Runner:
 
         future.add_done_callback(done)
 
-    def _prestart(self, sorter, running: dict[str, StepTask], ready: list[str]) -> None:
+    def _prestart(self, running: dict[str, StepTask], ready: list[str]) -> None:
         """Ask for kernels for steps that will be ready once what runs now finishes."""
         soon = [n for n in self.plan.to_run
                 if self.results[n].status == StepStatus.PENDING and n not in ready
@@ -314,7 +309,3 @@ class Runner:
 def _jsonable(parameters: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else repr(v))
             for k, v in parameters.items()}
-
-
-def run_dir(root: Path, run_id: str) -> Path:
-    return root / STATE_DIR / "runs" / run_id

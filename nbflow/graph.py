@@ -63,9 +63,6 @@ class Graph:
         refs += [FileRef(f"value {v}", self.value_path(v)) for v in step.publishes]
         return refs
 
-    def downstream(self, name: str) -> list[str]:
-        return [s for s in self.order if name in self.upstream[s]]
-
     def ancestors(self, names: Iterable[str]) -> set[str]:
         seen: set[str] = set()
         todo = list(names)

@@ -27,9 +27,6 @@ class Plan:
     overrides: dict[str, Any] = field(default_factory=dict)
     force: bool = False
 
-    def action(self, name: str) -> str:
-        return next(p.action for p in self.steps if p.name == name)
-
     @property
     def to_run(self) -> list[str]:
         return [p.name for p in self.steps if p.action == "run"]

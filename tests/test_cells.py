@@ -7,21 +7,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-import pytest
 
-from nbflow import kernels
 from nbflow.executors.cells import CellExecutionError, CellRunner, CellTimeoutError, DeadKernelError
 from nbflow.kernels import KernelRequest, start_kernel
 
 
-@pytest.fixture(autouse=True)
-def shut_down_shared_fork_server() -> Any:
-    yield
-    server, kernels._shared_server = kernels._shared_server, None
-    if server is not None:
-        server.shutdown()
+from kernel_helpers import shut_down_shared_fork_server  # noqa: E402,F401  (autouse fixture)
 
 
 def cell(source: str) -> dict:
