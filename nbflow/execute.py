@@ -25,7 +25,7 @@ from .errors import StateError
 from .events import (Event, Listener, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled, StepFailed,
                      StepNotRun, StepResult, StepSkipped, StepStatus, StepSucceeded)
 from .executors import Executor, StepOutcome, StepTask
-from .graph import STATE_DIR
+from .layout import StateLayout
 from .plan import Plan, kernel_of
 from .state import Ledger, assess, fingerprint
 from .state import redact as _redact
@@ -260,14 +260,14 @@ class Runner:
         graph = self.graph
         step = graph.steps[name]
         settings = graph.config.for_step(name)
-        state = graph.root / STATE_DIR
-        executed = state / "runs" / self.run_id / f"{name}.ipynb"
-        env = {**self.plan.env.get(name, {}), "NBFLOW_VALUES_DIR": str(state / "values"),
+        layout = StateLayout(graph.root)
+        env = {**self.plan.env.get(name, {}), "NBFLOW_VALUES_DIR": str(layout.values_dir),
                "NBFLOW_RUN_ID": self.run_id, "NBFLOW_STEP": name, "NBFLOW_PIPELINE": str(graph.root)}
         return StepTask(
             step=name, run_id=self.run_id, attempt=attempt, source=str(step.path), rel_source=step.rel_path,
-            cwd=str(step.folder), root=str(graph.root), executed=str(executed),
-            latest=str(state / "latest" / f"{name}.ipynb"), parameters=self.plan.parameters[name],
+            cwd=str(step.folder), root=str(graph.root), executed=str(layout.executed(self.run_id, name)),
+            latest=str(layout.latest(name)), attempt_copy=str(layout.attempt(self.run_id, name, attempt)),
+            parameters=self.plan.parameters[name],
             parameters_cell=step.parameters_cell, kernel=kernel_of(graph, name), language=step.language,
             outputs=tuple((ref.label, str(ref.path)) for ref in graph.outputs_of(name)), env=env,
             timeout=settings.timeout, cell_timeout=settings.cell_timeout, retries=settings.retries,

@@ -18,11 +18,10 @@ from typing import Any, Iterable, Mapping
 
 from .config import Config, load_config
 from .errors import PipelineError, Problem, did_you_mean
+from .layout import STATE_DIR, StateLayout
 from .notebook import NOTEBOOK_SUFFIXES, NotAStep, Step, is_percent_script, read_step
 from .params import EnvRef, ValueRef, coerce, is_secret_name
 
-STATE_DIR = "_nbflow"
-VALUES_DIR = "values"
 _SKIP_DIRS = {STATE_DIR, ".ipynb_checkpoints", "__pycache__", "node_modules"}
 
 
@@ -45,11 +44,15 @@ class Graph:
     value_producers: dict[str, str] = field(default_factory=dict)
 
     @property
+    def layout(self) -> StateLayout:
+        return StateLayout(self.root)
+
+    @property
     def state_dir(self) -> Path:
-        return self.root / STATE_DIR
+        return self.layout.state_dir
 
     def value_path(self, name: str) -> Path:
-        return self.state_dir / VALUES_DIR / name
+        return self.layout.value(name)
 
     def inputs_of(self, name: str) -> list[FileRef]:
         step = self.steps[name]

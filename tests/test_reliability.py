@@ -277,8 +277,9 @@ def test_transient_failures_are_retried_with_backoff_and_every_attempt_is_kept(f
     rows = step_rows(root, result.run_id)
     flaky = [(r["attempt"], r["status"], r["notebook"]) for r in rows if r["step"] == "flaky"]
     run_dir = f"_nbflow/runs/{result.run_id}"
-    assert flaky == [(1, "failed", f"{run_dir}/flaky.attempt-1.ipynb"),
-                     (2, "failed", f"{run_dir}/flaky.attempt-2.ipynb"),
+    attempts = f"_nbflow/attempts/{result.run_id}"  # outside runs/<id>/: no step name can collide with it
+    assert flaky == [(1, "failed", f"{attempts}/attempt-1/flaky.ipynb"),
+                     (2, "failed", f"{attempts}/attempt-2/flaky.ipynb"),
                      (3, "succeeded", f"{run_dir}/flaky.ipynb")]
     for attempt, _, rel in flaky:
         nb = executed_notebook(root, rel)
@@ -289,7 +290,7 @@ def test_transient_failures_are_retried_with_backoff_and_every_attempt_is_kept(f
     assert result.steps["flaky"].notebook == f"{run_dir}/flaky.ipynb"
 
     always = [(r["attempt"], r["status"], r["notebook"], r["error_name"]) for r in rows if r["step"] == "always_fails"]
-    assert always == [(1, "failed", f"{run_dir}/always_fails.attempt-1.ipynb", "TimeoutError"),
+    assert always == [(1, "failed", f"{attempts}/attempt-1/always_fails.ipynb", "TimeoutError"),
                       (2, "failed", f"{run_dir}/always_fails.ipynb", "TimeoutError")]
     assert result.steps["always_fails"].notebook == f"{run_dir}/always_fails.ipynb"
     assert all((root / r[2]).exists() for r in always)

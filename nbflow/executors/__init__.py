@@ -28,6 +28,7 @@ class StepTask:
     root: str  # the pipeline folder
     executed: str  # absolute path of the executed copy to write
     latest: str  # absolute path of _nbflow/latest/<step>.ipynb
+    attempt_copy: str  # absolute path where this attempt's notebook is kept when a retry follows
     parameters: dict[str, Any]
     parameters_cell: int
     kernel: str

@@ -152,7 +152,8 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
         notebook = rel_executed
         if status == StepStatus.FAILED and task.attempt <= task.retries:
             # a retry may follow and overwrite <step>.ipynb: this attempt keeps its own copy
-            kept = executed_path.with_name(f"{executed_path.stem}.attempt-{task.attempt}{executed_path.suffix}")
+            kept = Path(task.attempt_copy)
+            kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(executed_path, kept)
             notebook = kept.relative_to(root).as_posix()
         executed.write_atomic(nb, Path(task.latest))
