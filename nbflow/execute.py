@@ -85,18 +85,20 @@ class Runner:
         self.results = {name: StepResult(name, StepStatus.PENDING, reasons=p.reasons) for name, p in planned.items()}
         self.emit(RunStarted(self.run_id, str(self.graph.root), started, self.plan.steps,
                              _redact(dict(self.plan.overrides), set(self.graph.config.secrets))))
-        state_error: StateError | None = None
+        error: Exception | None = None
         try:
             self._loop(planned)
-        except StateError as e:
-            state_error = e
-            self.cancel()
-            self._drain_after_error()
         except KeyboardInterrupt:
             self.cancel()
             self._drain_after_error()
+        except Exception as e:  # noqa: BLE001 - the ledger cannot be written, or anything else: end the run, then raise
+            error = e
+            self.cancel()
+            self._drain_after_error()
         status = RunStatus.SUCCEEDED
-        if self.cancelled:
+        if error is not None and not isinstance(error, StateError):
+            status = RunStatus.FAILED  # not left `running` in the ledger; the error is raised below
+        elif self.cancelled:
             status = RunStatus.CANCELLED
         elif any(r.status in (StepStatus.FAILED, StepStatus.NOT_RUN, StepStatus.CANCELLED)
                  for r in self.results.values()):
@@ -105,9 +107,9 @@ class Runner:
         try:
             self.emit(RunFinished(result))
         except StateError as e:
-            state_error = state_error or e
-        if state_error is not None:
-            raise state_error
+            error = error or e
+        if error is not None:
+            raise error
         return result
 
     def _loop(self, planned: dict[str, Any]) -> None:

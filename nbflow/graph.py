@@ -20,7 +20,7 @@ from .config import Config, load_config
 from .errors import PipelineError, Problem, did_you_mean
 from .layout import STATE_DIR, StateLayout
 from .notebook import NOTEBOOK_SUFFIXES, NotAStep, Step, is_percent_script, read_step
-from .params import EnvRef, ValueRef, coerce, is_secret_name
+from .params import EnvRef, ValueRef, coerce, is_secret_name, plain_value, secret_env_var, secret_from_environment
 
 _SKIP_DIRS = {STATE_DIR, ".ipynb_checkpoints", "__pycache__", "node_modules"}
 
@@ -42,6 +42,7 @@ class Graph:
     upstream: dict[str, tuple[str, ...]]
     order: tuple[str, ...]  # a topological order, ties broken by name
     value_producers: dict[str, str] = field(default_factory=dict)
+    produced: frozenset[Path] = frozenset()  # input paths that some step writes (or writes inside)
 
     @property
     def layout(self) -> StateLayout:
@@ -92,8 +93,8 @@ class Graph:
 
     def source_inputs(self, name: str) -> list[FileRef]:
         """Inputs of a step that no step produces: they must exist before the run."""
-        produced = {ref.path for s in self.steps for ref in self.outputs_of(s)}
-        return [ref for ref in self.inputs_of(name) if ref.path not in produced]
+        values = {self.value_path(v) for v in self.value_producers}
+        return [ref for ref in self.inputs_of(name) if ref.path not in self.produced and ref.path not in values]
 
 
 def discover(root: Path, config: Config) -> list[Path]:
@@ -136,6 +137,27 @@ def build_graph(root: str | os.PathLike, config: Config | None = None,
         except PipelineError as e:
             problems += e.problems
             config = Config()
+    steps, not_steps = _read_steps(root, config, problems)
+    producers, value_producers = _producers(root, steps, problems)
+    upstream, produced = _edges(root, steps, producers, value_producers, problems)
+    _check_config(config, steps, problems)
+    order: tuple[str, ...] = tuple(sorted(steps))
+    sorter = graphlib.TopologicalSorter({n: upstream.get(n, ()) for n in sorted(steps)})
+    try:
+        order = tuple(_stable_order(sorter))
+    except graphlib.CycleError as e:
+        cycle = list(e.args[1])  # each step is followed by one that reads what it writes
+        problems.append(Problem("cycle: " + " -> ".join(cycle) + "; a step cannot depend on its own outputs",
+                                file=steps[cycle[0]].rel_path if cycle[0] in steps else None))
+    if problems:
+        if collect is None:
+            raise PipelineError(problems)
+        collect.extend(problems)
+    return Graph(root=root, config=config, steps=dict(sorted(steps.items())), not_steps=tuple(not_steps),
+                 upstream=upstream, order=order, value_producers=value_producers, produced=frozenset(produced))
+
+
+def _read_steps(root: Path, config: Config, problems: list[Problem]) -> tuple[dict[str, Step], list[NotAStep]]:
     steps: dict[str, Step] = {}
     not_steps: list[NotAStep] = []
     for path in discover(root, config):
@@ -152,15 +174,22 @@ def build_graph(root: str | os.PathLike, config: Config | None = None,
                 "rename one", file=item.rel_path))
         else:
             steps[item.name] = item
+    return steps, not_steps
 
+
+def _producers(root: Path, steps: dict[str, Step], problems: list[Problem]
+               ) -> tuple[dict[Path, str], dict[str, str]]:
+    """Who writes each output path and publishes each value; one producer each, none inside `_nbflow/`."""
     producers: dict[Path, str] = {}
     value_producers: dict[str, str] = {}
-    state_dir = root / STATE_DIR
+    state_dir = Path(os.path.realpath(root / STATE_DIR))
     for name, step in steps.items():
         for label, path in step.output_paths():
-            if path == state_dir or state_dir in path.parents:
-                problems.append(Problem(f"output {label!r} is inside {STATE_DIR}/, which nbflow owns; "
-                                        "write it elsewhere", file=step.rel_path, step=name))
+            real = Path(os.path.realpath(path))  # a symlink must not lead an output into the ledger's folder
+            if real == state_dir or state_dir in real.parents:
+                via = f" (through a symlink, it is {real})" if real != path else ""
+                problems.append(Problem(f"output {label!r} is inside {STATE_DIR}/{via}, which nbflow owns; write it "
+                                        "elsewhere", file=step.rel_path, step=name))
             other = producers.setdefault(path, name)
             if other != name:
                 problems.append(Problem(
@@ -171,15 +200,30 @@ def build_graph(root: str | os.PathLike, config: Config | None = None,
             if other != name:
                 problems.append(Problem(f"steps {other!r} and {name!r} both publish value {value!r}",
                                         file=step.rel_path, step=name))
+    return producers, value_producers
 
+
+def _edges(root: Path, steps: dict[str, Step], producers: dict[Path, str], value_producers: dict[str, str],
+           problems: list[Problem]) -> tuple[dict[str, tuple[str, ...]], set[Path]]:
+    """Each step's upstream steps, and the input paths that some step produces.
+
+    B depends on A when B reads a path A writes, a path inside a folder A
+    writes, or declares a folder input (`"metrics/"`) that A writes inside.
+    """
     upstream: dict[str, tuple[str, ...]] = {}
+    produced: set[Path] = set()
     for name, step in steps.items():
         ups = set()
-        for _, path in step.input_paths():
-            if path in producers and producers[path] != name:
-                ups.add(producers[path])
-            elif producers.get(path) == name:
+        for label, path in step.input_paths():
+            writers = {producers[p] for p in (path, *path.parents) if p in producers}
+            if is_folder_path(label):
+                writers |= {w for p, w in producers.items() if path in p.parents}
+            if name in writers:
                 problems.append(Problem(f"reads {_rel(path, root)}, which it also writes", file=step.rel_path))
+                writers.discard(name)
+            if writers:
+                produced.add(path)
+            ups |= writers
         for value in step.consumes:
             if value in value_producers:
                 ups.add(value_producers[value])
@@ -188,39 +232,33 @@ def build_graph(root: str | os.PathLike, config: Config | None = None,
                     f"consumes value {value!r} but no step publishes it"
                     f"{did_you_mean(value, value_producers)}", file=step.rel_path, step=name))
         upstream[name] = tuple(sorted(ups))
+    return upstream, produced
 
+
+def is_folder_path(declared: str) -> bool:
+    """A declared path ending in `/` is a folder: it is hashed as a whole, and read as everything inside it."""
+    return declared.endswith(("/", os.sep))
+
+
+def _check_config(config: Config, steps: dict[str, Step], problems: list[Problem]) -> None:
+    """nbflow.yaml names only steps, parameters and secrets that exist."""
     for name in config.steps:
         if name not in steps:
             problems.append(Problem(f"'steps.{name}' names no step{did_you_mean(name, steps)}",
                                     file=str(config.path.name if config.path else "nbflow.yaml"),
                                     line=config.step_lines.get(name)))
-        else:
-            for pname in config.steps[name].parameters:
-                if pname not in steps[name].parameters:
-                    problems.append(Problem(
-                        f"'steps.{name}.parameters.{pname}': step {name!r} has no parameter {pname!r}"
-                        f"{did_you_mean(pname, steps[name].parameters)}",
-                        file="nbflow.yaml", line=config.step_lines.get(name)))
+            continue
+        for pname in config.steps[name].parameters:
+            if pname not in steps[name].parameters:
+                problems.append(Problem(
+                    f"'steps.{name}.parameters.{pname}': step {name!r} has no parameter {pname!r}"
+                    f"{did_you_mean(pname, steps[name].parameters)}",
+                    file="nbflow.yaml", line=config.step_lines.get(name)))
     all_params = {p for s in steps.values() for p in s.parameters}
     for secret in config.secrets:
         if secret not in all_params:
             problems.append(Problem(f"'secrets' lists {secret!r}, which is no step's parameter"
                                     f"{did_you_mean(secret, all_params)}", file="nbflow.yaml"))
-
-    order: tuple[str, ...] = tuple(sorted(steps))
-    sorter = graphlib.TopologicalSorter({n: upstream.get(n, ()) for n in sorted(steps)})
-    try:
-        order = tuple(_stable_order(sorter))
-    except graphlib.CycleError as e:
-        cycle = list(e.args[1])  # each step is followed by one that reads what it writes
-        problems.append(Problem("cycle: " + " -> ".join(cycle) + "; a step cannot depend on its own outputs",
-                                file=steps[cycle[0]].rel_path if cycle[0] in steps else None))
-    if problems:
-        if collect is None:
-            raise PipelineError(problems)
-        collect.extend(problems)
-    return Graph(root=root, config=config, steps=dict(sorted(steps.items())), not_steps=tuple(not_steps),
-                 upstream=upstream, order=order, value_producers=value_producers)
 
 
 def _stable_order(sorter: graphlib.TopologicalSorter) -> list[str]:
@@ -256,66 +294,103 @@ def select_steps(graph: Graph, names: Iterable[str]) -> list[str]:
 def resolve_parameters(graph: Graph, overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Effective parameters of every step: notebook defaults < nbflow.yaml < `NAME` < `STEP.NAME`.
 
-    Secrets become EnvRef, consumed values ValueRef. Raises PipelineError
-    listing every unknown name and badly typed value.
+    Values given from Python or YAML become plain literals (or are refused),
+    `-p` text is coerced to the default's type. A secret (declared in
+    `secrets:` or named like one) may also come from its environment variable
+    (below nbflow.yaml) and becomes an EnvRef holding its value; consumed
+    values become ValueRef. Raises PipelineError listing every unknown name and
+    badly typed value.
     """
-    overrides = dict(overrides or {})
     problems: list[Problem] = []
+    global_over, step_over = _split_overrides(graph, dict(overrides or {}), problems)
+    result = {name: _step_parameters(graph, name, global_over, step_over.get(name, {}), problems)
+              for name in graph.steps}
+    if problems:
+        raise PipelineError(problems)
+    return result
+
+
+def _split_overrides(graph: Graph, overrides: dict[str, Any], problems: list[Problem]
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """`NAME` overrides (for every step that has NAME) and `STEP.NAME` overrides, checked against the steps."""
     global_over: dict[str, Any] = {}
     step_over: dict[str, dict[str, Any]] = {}
     all_params = sorted({p for s in graph.steps.values() for p in s.parameters})
     for key, value in overrides.items():
         step_name, dot, pname = key.rpartition(".")
-        if dot and step_name in graph.steps:
-            if pname not in graph.steps[step_name].parameters:
-                problems.append(Problem(
-                    f"-p {key}: step {step_name!r} has no parameter {pname!r}"
-                    f"{did_you_mean(pname, graph.steps[step_name].parameters)}",
-                    file=graph.steps[step_name].rel_path))
-                continue
-            step_over.setdefault(step_name, {})[pname] = value
+        step = graph.steps.get(step_name) if dot else None
+        if step is not None:
+            if pname not in step.parameters:
+                problems.append(Problem(f"-p {key}: step {step_name!r} has no parameter {pname!r}"
+                                        f"{did_you_mean(pname, step.parameters)}", file=step.rel_path))
+            elif pname in step.consumes:
+                problems.append(_consumed_override(graph, key, step_name, pname))
+            else:
+                step_over.setdefault(step_name, {})[pname] = value
         elif key in all_params:
-            global_over[key] = value
-        elif dot and key not in all_params:
-            problems.append(Problem(f"-p {key}: no step named {step_name!r}{did_you_mean(step_name, graph.steps)}"
-                                    if step_name not in graph.steps else f"-p {key}: unknown parameter"))
+            having = [n for n, s in graph.steps.items() if key in s.parameters]
+            if all(key in graph.steps[n].consumes for n in having):
+                problems.append(_consumed_override(graph, key, having[0], key))
+            else:
+                global_over[key] = value
+        elif dot:
+            problems.append(Problem(f"-p {key}: no step named {step_name!r}{did_you_mean(step_name, graph.steps)}"))
         else:
             hint = did_you_mean(key, all_params)
             problems.append(Problem(f"-p {key}: no step has a parameter {key!r}{hint}"
                                     + ("" if hint else f"; parameters: {', '.join(all_params) or 'none'}")))
-    declared_secrets = set(graph.config.secrets)
-    result: dict[str, dict[str, Any]] = {}
-    for name, step in graph.steps.items():
-        values: dict[str, Any] = {}
-        chosen = {**graph.config.steps.get(name, _EMPTY).parameters,
-                  **{k: v for k, v in global_over.items() if k in step.parameters},
-                  **step_over.get(name, {})}
-        for pname, param in step.parameters.items():
-            if pname in step.consumes:
-                rel = os.path.relpath(graph.value_path(pname), step.folder)
-                values[pname] = ValueRef(Path(rel).as_posix())
-                continue
-            if pname in declared_secrets or (is_secret_name(pname) and pname in chosen):
-                values[pname] = EnvRef(secret_env_var(pname))
-                continue
-            if pname not in chosen:
-                continue  # the notebook's own default stays; nothing injected
-            yaml_params = graph.config.steps.get(name, _EMPTY).parameters
-            if pname in yaml_params and chosen[pname] is yaml_params[pname] and not _same_kind(chosen[pname], param):
-                problems.append(Problem(
-                    f"'steps.{name}.parameters.{pname}' must be {param.type_name} like the default "
-                    f"{param.source} in {step.rel_path}, not {chosen[pname]!r}", file="nbflow.yaml",
-                    line=graph.config.step_lines.get(name), step=name))
-                continue
-            try:
-                values[pname] = coerce(chosen[pname], param)
-            except ValueError as e:
-                problems.append(Problem(f"step {name!r}, parameter {pname!r}: {e}", file=step.rel_path,
-                                        line=param.line, step=name))
-        result[name] = values
-    if problems:
-        raise PipelineError(problems)
-    return result
+    return global_over, step_over
+
+
+def _consumed_override(graph: Graph, key: str, step_name: str, pname: str) -> Problem:
+    producer = graph.value_producers.get(pname, "?")
+    return Problem(f"-p {key}: step {step_name!r} consumes {pname!r} from step {producer!r}, so a run always "
+                   f"gives it the published value; override a parameter of {producer!r} instead, or remove "
+                   f"{pname!r} from `consumes`", file=graph.steps[step_name].rel_path, step=step_name)
+
+
+def _step_parameters(graph: Graph, name: str, global_over: dict[str, Any], own_over: dict[str, Any],
+                     problems: list[Problem]) -> dict[str, Any]:
+    """What is injected into one step: only the parameters given a value from outside the notebook."""
+    step = graph.steps[name]
+    yaml_params = graph.config.steps.get(name, _EMPTY).parameters
+    chosen = {**yaml_params, **{k: v for k, v in global_over.items() if k in step.parameters}, **own_over}
+    values: dict[str, Any] = {}
+    for pname, param in step.parameters.items():
+        if pname in step.consumes:
+            rel = os.path.relpath(graph.value_path(pname), step.folder)
+            values[pname] = ValueRef(Path(rel).as_posix())
+            continue
+        secret = is_secret(graph, pname)
+        value = chosen.get(pname, secret_from_environment(pname) if secret else None)
+        if pname not in chosen and value is None:
+            continue  # the notebook's own default stays; nothing injected
+        from_yaml = pname in yaml_params and chosen.get(pname) is yaml_params[pname]
+        where = (f"'steps.{name}.parameters.{pname}'" if from_yaml else f"step {name!r}, parameter {pname!r}")
+        try:
+            value = plain_value(value)
+        except TypeError as e:
+            problems.append(Problem(f"{where}: {e}", file="nbflow.yaml" if from_yaml else step.rel_path,
+                                    line=graph.config.step_lines.get(name) if from_yaml else param.line, step=name))
+            continue
+        if from_yaml and not _same_kind(value, param):
+            problems.append(Problem(
+                f"{where} must be {param.type_name} like the default {param.source} in {step.rel_path}, not "
+                f"{'a ' + type(value).__name__ if secret else repr(value)}", file="nbflow.yaml",
+                line=graph.config.step_lines.get(name), step=name))
+            continue
+        try:
+            value = coerce(value, param, secret=secret)
+        except ValueError as e:
+            problems.append(Problem(f"{where}: {e}", file=step.rel_path, line=param.line, step=name))
+            continue
+        values[pname] = EnvRef.holding(secret_env_var(pname), value) if secret else value
+    return values
+
+
+def is_secret(graph: Graph, name: str) -> bool:
+    """A parameter is a secret when nbflow.yaml declares it in `secrets:` or its name says so."""
+    return name in graph.config.secrets or is_secret_name(name)
 
 
 def _same_kind(value: Any, param: Any) -> bool:
@@ -332,34 +407,9 @@ def _same_kind(value: Any, param: Any) -> bool:
     return type(value).__name__ == kind
 
 
-def secret_env_var(name: str) -> str:
-    return f"NBFLOW_SECRET_{name.upper()}"
-
-
-def secret_values(graph: Graph, overrides: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
-    """Per step, the environment its kernel needs: each secret's value under its variable.
-
-    A secret's value comes from `-p` (step-scoped first), nbflow.yaml, or the
-    variable already set in nbflow's own environment; it is never written.
-    """
-    overrides = overrides or {}
-    result: dict[str, dict[str, str]] = {}
-    for name, step in graph.steps.items():
-        env: dict[str, str] = {}
-        for pname, param in step.parameters.items():
-            if pname not in graph.config.secrets and not is_secret_name(pname):
-                continue
-            var = secret_env_var(pname)
-            for source in (overrides.get(f"{name}.{pname}"), overrides.get(pname),
-                           graph.config.steps.get(name, _EMPTY).parameters.get(pname), os.environ.get(var)):
-                if source is not None:
-                    env[var] = str(source)
-                    break
-            else:
-                if pname in graph.config.secrets:
-                    env[var] = "" if param.default is None else str(param.default)
-        result[name] = env
-    return result
+def secret_environment(parameters: Mapping[str, Any]) -> dict[str, str]:
+    """The environment a step's kernel needs: each secret's value under its variable. Never written."""
+    return {v.var: v.text for v in parameters.values() if isinstance(v, EnvRef)}
 
 
 class _Empty:

@@ -51,7 +51,7 @@ class Step:
     kernel: str = "python3"
     language: str = "python"
     parameters_cell: int = 0  # 0-based index of the parameters cell
-    cell_hashes: tuple[tuple[int, str], ...] = ()  # (1-based cell number, sha256) of code cells
+    cell_hashes: tuple[tuple[int, str], ...] = ()  # (1-based cell number, sha256) of every code cell
     declaration_lines: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -112,10 +112,11 @@ def read_step(path: Path, root: Path) -> Step | NotAStep:
     meta = nb.get("metadata", {})
     kernelspec = meta.get("kernelspec") or {}
     language = kernelspec.get("language") or (meta.get("language_info") or {}).get("name") or "python"
+    # every code cell, the parameters cell included: a `def` or an `if` there changes what the step computes
     hashes = tuple(
         (i + 1, hashlib.sha256(cell_source(c).encode()).hexdigest())
         for i, c in enumerate(cells)
-        if c.get("cell_type") == "code" and i != index and INJECTED_TAG not in _tags(c)
+        if c.get("cell_type") == "code" and INJECTED_TAG not in _tags(c)
     )
     return Step(
         name=name,

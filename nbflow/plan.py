@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 from .errors import PipelineError, Problem
 from .events import PlannedStep
-from .graph import Graph, resolve_parameters, secret_values, select_steps
+from .graph import Graph, resolve_parameters, secret_environment, select_steps
 from .state import Ledger, assess
 
 
@@ -68,7 +68,8 @@ def make_plan(graph: Graph, ledger: Ledger, names: Iterable[str] = (), overrides
         else:
             planned.append(PlannedStep(name, "run", fresh.reasons))
             rerunning.add(name)
-    plan = Plan(graph, tuple(planned), parameters, secret_values(graph, overrides), dict(overrides or {}), force)
+    env = {name: secret_environment(values) for name, values in parameters.items()}
+    plan = Plan(graph, tuple(planned), parameters, env, dict(overrides or {}), force)
     check_runnable(plan)
     return plan
 

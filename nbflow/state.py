@@ -11,20 +11,23 @@ from __future__ import annotations
 import difflib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import socket
 import sqlite3
+import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from .errors import PipelineLocked, StateError
+from .errors import PipelineError, PipelineLocked, Problem, StateError
 from .events import (Event, FileRecord, RunFinished, RunStarted, RunStatus, StepCancelled, StepFailed,
                      StepNotRun, StepSkipped, StepStarted, StepSucceeded)
 from .graph import FileRef, Graph
-from .params import is_secret_name
+from .layout import StateLayout
+from .params import EnvRef, is_secret_name
 
 SCHEMA_VERSION = 1
 LEDGER_NAME = "history.sqlite"
@@ -109,11 +112,24 @@ class Ledger:
             return os.path.relpath(path, self.root)
 
     def file_hash(self, path: Path) -> tuple[str, int] | None:
-        """(sha256, size) of a file, or None when it does not exist. Cached by (size, mtime_ns)."""
+        """(sha256, size) of a file or a folder, or None when it does not exist.
+
+        A folder's hash covers the names and contents of every file below it
+        (see `tree`). Files are hashed once per (size, mtime_ns). Anything that
+        is neither (a FIFO, a device) is a PipelineError: reading it could hang.
+        """
         try:
             st = os.stat(path)
         except OSError:
             return None
+        if stat.S_ISDIR(st.st_mode):
+            files = self.tree(path)
+            digest = hashlib.sha256("".join(f"{rel}\0{sha}\n" for rel, (sha, _) in files.items()).encode())
+            return "tree:" + digest.hexdigest(), sum(size for _, size in files.values())
+        if not stat.S_ISREG(st.st_mode):
+            raise PipelineError(Problem(
+                f"{self.rel(path)} is {_file_kind(st.st_mode)}, not a regular file or folder; nbflow hashes what "
+                "a step reads and writes to know whether it changed: declare a file or a folder instead"))
         key = self.rel(path)
         row = self.conn.execute("SELECT size, mtime_ns, sha256 FROM file_cache WHERE path=?", (key,)).fetchone()
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
@@ -126,6 +142,18 @@ class Ledger:
         except StateError:
             pass  # a cache miss is not worth failing for (read-only ledger while checking status)
         return digest, st.st_size
+
+    def tree(self, folder: Path) -> dict[str, tuple[str, int]]:
+        """Every file below `folder` (relative posix path -> (sha256, size)), sorted by path."""
+        files: dict[str, tuple[str, int]] = {}
+        for current, dirs, names in os.walk(folder):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(current, name)
+                hashed = self.file_hash(Path(path))
+                if hashed is not None and not hashed[0].startswith("tree:"):
+                    files[Path(os.path.relpath(path, folder)).as_posix()] = hashed
+        return dict(sorted(files.items()))
 
     def file_records(self, refs: list[FileRef]) -> tuple[FileRecord, ...]:
         records = []
@@ -247,6 +275,14 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -259,17 +295,67 @@ def sha256_file(path: Path) -> str:
 
 def fingerprint_parts(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
                       kernel: str | None = None) -> dict[str, Any]:
-    """Everything a step's result depends on: cells, parameters, kernel, input contents."""
+    """Everything a step's result depends on: every code cell, parameters, kernel, input contents.
+
+    A secret's value is represented by a keyed hash (see `secret_digest`), never by itself.
+    Folder inputs also keep their file list, so that a reason can name the file that changed.
+    """
     step = graph.steps[name]
     effective = {}
     for pname, param in step.parameters.items():
-        effective[pname] = repr(parameters[pname]) if pname in parameters else param.source
-    inputs = {}
-    for ref in graph.inputs_of(name):
-        hashed = ledger.file_hash(ref.path)
-        inputs[ref.label] = hashed[0] if hashed else None
-    return {"cells": [list(c) for c in step.cell_hashes], "parameters": effective, "kernel": kernel or step.kernel,
-            "inputs": inputs, "outputs": sorted(ref.label for ref in graph.outputs_of(name))}
+        value = parameters.get(pname, _DEFAULT)
+        if isinstance(value, EnvRef):
+            effective[pname] = secret_digest(ledger.state_dir, value.text)
+        else:
+            effective[pname] = param.source if value is _DEFAULT else repr(value)
+    inputs: dict[str, str | None] = {}
+    folders: dict[str, dict[str, str]] = {}
+    try:
+        for ref in graph.inputs_of(name):
+            hashed = ledger.file_hash(ref.path)
+            inputs[ref.label] = hashed[0] if hashed else None
+            if hashed and hashed[0].startswith("tree:"):
+                folders[ref.label] = {rel: sha for rel, (sha, _) in ledger.tree(ref.path).items()}
+    except PipelineError as e:
+        raise PipelineError([replace(p, file=step.rel_path, step=name) for p in e.problems]) from None
+    parts = {"cells": [list(c) for c in step.cell_hashes], "parameters": effective, "kernel": kernel or step.kernel,
+             "inputs": inputs, "outputs": sorted(ref.label for ref in graph.outputs_of(name))}
+    if folders:
+        parts["folders"] = folders
+    return parts
+
+
+_DEFAULT = object()
+_SECRET_PREFIX = "secret:hmac-sha256:"
+_keys: dict[Path, bytes] = {}
+
+
+def secret_digest(state_dir: Path, value: str) -> str:
+    """A keyed hash standing for a secret's value in fingerprints: a changed secret reruns the step.
+
+    The key is `_nbflow/fingerprint.key` (32 random bytes, mode 0600), made by
+    the first run that needs it, so the ledger alone does not let anyone test
+    guesses of a secret. Where it cannot be written, a key for this process
+    only is used: the step then looks changed, never wrongly fresh.
+    """
+    path = StateLayout.from_state_dir(state_dir).fingerprint_key
+    key = _keys.get(path)
+    if key is None:
+        try:
+            key = path.read_bytes()
+        except OSError:
+            key = os.urandom(32)
+            if path.parent.is_dir():
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(key)
+                except FileExistsError:
+                    key = path.read_bytes()
+                except OSError:
+                    pass
+        _keys[path] = key
+    return _SECRET_PREFIX + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -301,7 +387,8 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
         old_params, new_params = old.get("parameters", {}), parts["parameters"]
         for p in sorted(set(old_params) | set(new_params)):
             if old_params.get(p) != new_params.get(p):
-                if p in secrets or is_secret_name(p):
+                if (p in secrets or is_secret_name(p) or str(old_params.get(p)).startswith(_SECRET_PREFIX)
+                        or str(new_params.get(p)).startswith(_SECRET_PREFIX)):
                     reasons.append(f"parameter {p} changed")
                 elif p not in old_params:
                     reasons.append(f"parameter {p} added ({new_params[p]})")
@@ -316,7 +403,8 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
             elif label not in old_inputs:
                 reasons.append(f"input {label} added")
             elif old_inputs[label] != digest:
-                reasons.append(f"input {label} changed")
+                reasons.append(f"input {label} changed" + _folder_changes(old.get("folders", {}).get(label),
+                                                                           parts.get("folders", {}).get(label)))
         for label in old_inputs:
             if label not in parts["inputs"]:
                 reasons.append(f"input {label} removed")
@@ -334,6 +422,17 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
     for up in rerunning_upstream:
         reasons.append(f"upstream {up} reruns")
     return Freshness(name, not reasons, tuple(reasons), parts)
+
+
+def _folder_changes(old: dict[str, str] | None, new: dict[str, str] | None) -> str:
+    """': a.csv added, b.csv changed' for a folder input, naming at most three files."""
+    if old is None or new is None:
+        return ""
+    changes = [f"{rel} added" for rel in new if rel not in old]
+    changes += [f"{rel} changed" for rel in new if rel in old and old[rel] != new[rel]]
+    changes += [f"{rel} removed" for rel in old if rel not in new]
+    more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return (": " + ", ".join(changes[:3]) + more) if changes else ""
 
 
 def _cell_changes(old: list, new: list) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nbflow.errors import PipelineError
-from nbflow.graph import build_graph, resolve_parameters, select_steps
+from nbflow.graph import build_graph, resolve_parameters, secret_environment, select_steps
 from nbflow.params import CliValue, EnvRef, ValueRef
 
 
@@ -90,12 +90,77 @@ def test_values_make_edges_and_inject_references(fixture_pipeline):
     assert params["consume"]["table"] == ValueRef("_nbflow/values/table")
 
 
-def test_secret_parameters_become_environment_references(tmp_path, notebook_factory):
-    notebook_factory(tmp_path / "s.ipynb", 'outputs = {}\napi_token = "dev"\nuser = "me"')
-    (tmp_path / "nbflow.yaml").write_text("secrets: [user]\n")
+def test_secret_parameters_become_environment_references(tmp_path, notebook_factory, monkeypatch):
+    notebook_factory(tmp_path / "s.ipynb", 'outputs = {}\napi_token = "dev"\nuser = "me"\nretries_key = 3')
+    (tmp_path / "nbflow.yaml").write_text("secrets: [user, retries_key]\n")
     graph = build_graph(tmp_path)
     params = resolve_parameters(graph, {"api_token": CliValue("s3cr3t")})
-    assert params["s"] == {"api_token": EnvRef("NBFLOW_SECRET_API_TOKEN"), "user": EnvRef("NBFLOW_SECRET_USER")}
+    # a secret with no value from outside keeps the notebook's default: nothing is injected
+    assert params["s"] == {"api_token": EnvRef("NBFLOW_SECRET_API_TOKEN")}
+    assert params["s"]["api_token"].text == "s3cr3t"
+    assert secret_environment(params["s"]) == {"NBFLOW_SECRET_API_TOKEN": "s3cr3t"}
+    # declared or detected, a secret's value also comes from its environment variable, coerced like any parameter
+    monkeypatch.setenv("NBFLOW_SECRET_USER", "ci-bot")
+    monkeypatch.setenv("NBFLOW_SECRET_RETRIES_KEY", "5")
+    params = resolve_parameters(graph)["s"]
+    assert params["user"].text == "ci-bot" and not params["user"].typed
+    assert params["retries_key"] == EnvRef("NBFLOW_SECRET_RETRIES_KEY", typed=True) and params["retries_key"].text == "5"
+    assert repr(params["retries_key"]) == (
+        '__import__("ast").literal_eval(__import__("os").environ[\'NBFLOW_SECRET_RETRIES_KEY\'])')
+    monkeypatch.setenv("NBFLOW_SECRET_RETRIES_KEY", "five")
+    with pytest.raises(PipelineError) as err:
+        resolve_parameters(graph)
+    assert "expected int like the default 3" in str(err.value) and "five" not in str(err.value)
+
+
+def test_names_that_merely_contain_secret_words_are_ordinary_parameters(tmp_path, notebook_factory):
+    """max_tokens=200 -> 300 must be a coerced int that changes the fingerprint, not a secret string."""
+    notebook_factory(tmp_path / "s.ipynb", 'outputs = {}\nmax_tokens = 200\nsort_keys = True\nkeyword = "a"\n'
+                     'tokenizer = "bpe"')
+    params = resolve_parameters(build_graph(tmp_path), {"max_tokens": CliValue("300"), "sort_keys": CliValue("no"),
+                                                        "keyword": CliValue("b"), "tokenizer": CliValue("wp")})
+    assert params["s"] == {"max_tokens": 300, "sort_keys": False, "keyword": "b", "tokenizer": "wp"}
+
+
+def test_values_from_python_become_plain_literals_or_are_refused(tmp_path, notebook_factory):
+    import datetime
+    import enum
+    import pathlib
+
+    import numpy as np
+
+    notebook_factory(tmp_path / "s.ipynb", 'outputs = {}\npath = "a"\nrate = 0.5\nday = "2020-01-01"\nn = 1\n'
+                     'items = [1]\nother = None')
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    graph = build_graph(tmp_path)
+    params = resolve_parameters(graph, {"path": pathlib.Path("data/x.csv"), "rate": np.float64(0.25),
+                                        "day": datetime.date(2021, 3, 4), "n": Level.HIGH,
+                                        "items": [np.int64(2), pathlib.Path("p")]})["s"]
+    assert params == {"path": "data/x.csv", "rate": 0.25, "day": "2021-03-04", "n": 3, "items": [2, "p"]}
+    assert all(type(v) in (str, float, int, list) for v in params.values())
+
+    class Sneaky:
+        def __repr__(self):
+            return "__import__('os').system('touch pwned')"
+
+    with pytest.raises(PipelineError, match=r"step 's', parameter 'other': a .*Sneaky cannot be passed"):
+        resolve_parameters(graph, {"other": Sneaky()})
+
+
+def test_yaml_dates_become_iso_strings(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "s.ipynb", 'outputs = {}\nday = "2020-01-01"')
+    (tmp_path / "nbflow.yaml").write_text("steps:\n  s:\n    parameters: {day: 2022-05-06}\n")
+    assert resolve_parameters(build_graph(tmp_path))["s"] == {"day": "2022-05-06"}
+
+
+def test_overriding_a_consumed_value_is_an_error(fixture_pipeline):
+    graph = build_graph(fixture_pipeline("values"))
+    for key in ("table", "consume.table"):
+        with pytest.raises(PipelineError, match=rf"-p {key}: step 'consume' consumes 'table' from step 'produce'"):
+            resolve_parameters(graph, {key: CliValue("x")})
 
 
 def test_yaml_parameters_are_type_checked(fixture_pipeline):

@@ -30,7 +30,7 @@ def test_reads_declarations_parameters_and_kernel(tmp_path, notebook_factory):
     assert step.parameters["start"].source == "date.today()"
     assert step.kernel == "python3"
     assert step.parameters_cell == 1  # after the markdown cell
-    assert [n for n, _ in step.cell_hashes] == [3]  # the code cell, numbered as in Jupyter
+    assert [n for n, _ in step.cell_hashes] == [2, 3]  # every code cell, the parameters cell too, numbered as in Jupyter
     assert step.resolve("../data/raw.csv") == tmp_path / "data" / "raw.csv"
 
 

@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -127,9 +128,15 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
 
     if status == StepStatus.SUCCEEDED:
         missing = [label for label, path in task.outputs if not os.path.exists(path)]
+        odd = [f"{label} is {kind}" for label, path in task.outputs if (kind := _odd_kind(path))]
         stale = [label for label, path in task.outputs
                  if label not in missing and before[path] is not None and _identity(path) == before[path]]
-        if missing:
+        if odd:
+            status = StepStatus.FAILED
+            error = StepError("missing_output", "MissingOutput",
+                              "declared output " + ", ".join(odd) + ", not a regular file or folder; nbflow "
+                              "hashes outputs to know whether they changed: write a file or a folder there")
+        elif missing:
             status = StepStatus.FAILED
             error = StepError("missing_output", "MissingOutput",
                               "declared output" + ("s " if len(missing) > 1 else " ") + ", ".join(missing)
@@ -189,10 +196,37 @@ def _failing_line(nb, i: int | None, traceback: str) -> str | None:
     return _first_line(nb, i)
 
 
-def _identity(path: str) -> tuple[int, int, int] | None:
-    """(inode, size, mtime_ns) of a file, None if absent: any write or replacement changes it."""
+def _identity(path: str) -> tuple | None:
+    """What changes whenever a file or a folder is written or replaced; None if absent.
+
+    (inode, size, mtime_ns) of a file; of a folder, that of every entry below
+    it (a file rewritten in place inside it does not change the folder's own mtime).
+    """
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_ino, st.st_size, st.st_mtime_ns
+    entries = []
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files) + dirs:
+            try:
+                inner = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            entries.append((os.path.relpath(os.path.join(folder, name), path), inner.st_ino, inner.st_size,
+                            inner.st_mtime_ns))
+    return tuple(entries)
+
+
+def _odd_kind(path: str) -> str | None:
+    """'a FIFO' for a path that exists but is neither a regular file nor a folder (reading it could hang)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
