@@ -245,6 +245,9 @@ def _read_parameters_cell(source: str, rel: str, cell_number: int) -> _Declarati
     except SyntaxError as e:
         problem(f"syntax error: {e.msg}; fix the cell so that it runs", e.lineno)
         raise PipelineError(problems) from None
+    except ValueError as e:  # a NUL byte in the source
+        problem(f"cannot be parsed: {e}; remove the character", None)
+        raise PipelineError(problems) from None
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             target, value = node.targets[0].id, node.value
@@ -305,6 +308,9 @@ def _path_mapping(target: str, value: Any, problem) -> dict[str, tuple[str, ...]
         if (not isinstance(key, str) or not isinstance(paths, (list, tuple)) or not paths
                 or not all(isinstance(p, str) and p.strip() for p in paths)):
             problem(f"`{target}[{key!r}]` must be a path string or a non-empty list of path strings")
+            continue
+        if any("\x00" in p for p in paths):
+            problem(f"`{target}[{key!r}]` contains a NUL character, which no file name can hold")
             continue
         result[key] = tuple(paths)
     return result

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from nbflow.errors import PipelineError
+from nbflow.graph import build_graph
 from nbflow.notebook import NotAStep, Step, read_step
 
 
@@ -98,3 +99,13 @@ def test_jupytext_percent_script_is_a_step(tmp_path):
     step = read_step(script, tmp_path)
     assert isinstance(step, Step)
     assert step.name == "step" and step.outputs == {"o": ("o.txt",)} and step.parameters["n"].default == 3
+
+
+def test_nul_characters_are_pipeline_errors_not_crashes(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "a.ipynb", "x = 1\x00")
+    notebook_factory(tmp_path / "b.ipynb", 'outputs = {"o": "a\\x00b"}')
+    with pytest.raises(PipelineError) as err:
+        build_graph(tmp_path)
+    text = str(err.value)
+    assert "a.ipynb: parameters cell (cell 1)" in text and "null bytes" in text
+    assert "b.ipynb:1: parameters cell (cell 1), line 1: `outputs['o']` contains a NUL character" in text
