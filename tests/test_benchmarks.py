@@ -6,6 +6,8 @@ checks and the all-fresh run (no kernel, no notebook) are facts, so they are.
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_every_workload_in_smoke_mode(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--work", str(tmp_path / "work"),

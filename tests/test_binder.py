@@ -6,6 +6,8 @@ minute. It runs with the rest of the suite, so a broken Binder setup fails CI.
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -28,6 +30,7 @@ def test_postbuild_is_an_executable_bash_script():
     assert "?urlpath=lab/tree/notebooks/tutorial.ipynb" in (BINDER / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_binder_files_install_nbflow_into_a_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)

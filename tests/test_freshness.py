@@ -15,6 +15,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import write_notebook
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import nbflow
 from nbflow.errors import PipelineError
@@ -172,3 +175,121 @@ def test_status_and_run_of_a_folder_declared_without_a_slash_do_not_crash(tmp_pa
     proc = subprocess.run([sys.executable, "-m", "nbflow.cli", "status", str(tmp_path)], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and "fresh" in proc.stdout, proc.stderr
+
+
+# -- the property: after any edit, status is right and a run equals a forced run -------------------------------
+
+
+SECRET_VAR = "NBFLOW_SECRET_API_TOKEN"
+
+
+def _write_step(root, j, ups, reads_raw, reads_dir, const, offset):
+    inputs = {f"u{u}": f"s{u}.txt" for u in ups}
+    if reads_raw:
+        inputs["raw"] = "raw.txt"
+    if reads_dir:
+        inputs["dir"] = "rawdir/"
+    parameters = (f"inputs = {inputs!r}\noutputs = {{'o': 's{j}.txt'}}\nk = {j}\napi_token = 'dev'\n"
+                  f"max_tokens = 10\ndef shift(x):\n    return x + {offset}")
+    code = (f"import os\nC = {const}\nparts = [str(shift(k)), str(max_tokens), str(len(api_token)), str(C)]\n"
+            "for name, path in sorted(inputs.items()):\n"
+            "    if path.endswith('/'):\n"
+            "        parts += [f + '=' + open(os.path.join(path, f)).read() for f in sorted(os.listdir(path))]\n"
+            "    else:\n"
+            "        parts.append(open(path).read())\n"
+            "open(outputs['o'], 'w').write('|'.join(parts))")
+    write_notebook(root / f"s{j}.ipynb", parameters, code)
+
+
+@st.composite
+def pipelines(draw):
+    n = draw(st.integers(2, 4))
+    steps = []
+    for j in range(n):
+        ups = draw(st.sets(st.integers(0, j - 1), max_size=2)) if j else set()
+        steps.append({"ups": sorted(ups), "raw": draw(st.booleans()), "dir": draw(st.booleans()), "const": 1,
+                      "offset": 1})
+    return steps
+
+
+EDITS = st.sampled_from(["code", "parameters_cell", "parameter", "secret_like_name", "secret", "input",
+                         "folder_file", "touch"])
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(steps=pipelines(), edits=st.lists(st.tuples(EDITS, st.integers(0, 3)), min_size=1, max_size=3))
+def test_after_any_edit_status_is_right_and_a_run_equals_a_forced_run(tmp_path_factory, steps, edits):
+    import shutil
+
+    root = tmp_path_factory.mktemp("pipeline")
+    (root / "raw.txt").write_text("r0")
+    (root / "rawdir").mkdir()
+    (root / "rawdir" / "a.txt").write_text("a0")
+    for j, s in enumerate(steps):
+        _write_step(root, j, s["ups"], s["raw"], s["dir"], s["const"], s["offset"])
+    overrides: dict[str, CliValue] = {}
+    old_secret = os.environ.get(SECRET_VAR)
+    os.environ[SECRET_VAR] = "secret-0"
+    down = {j: {i for i, s in enumerate(steps) if j in s["ups"]} for j in range(len(steps))}
+
+    def closure(names):
+        seen, todo = set(names), list(names)
+        while todo:
+            for d in down[todo.pop()]:
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    try:
+        assert run(root, parameters=overrides).ok
+        for n, (kind, pick) in enumerate(edits, start=1):
+            j = pick % len(steps)
+            if kind == "code":
+                steps[j]["const"] += 1
+                _write_step(root, j, steps[j]["ups"], steps[j]["raw"], steps[j]["dir"], steps[j]["const"],
+                            steps[j]["offset"])
+                edited = {j}
+            elif kind == "parameters_cell":
+                steps[j]["offset"] += 1
+                _write_step(root, j, steps[j]["ups"], steps[j]["raw"], steps[j]["dir"], steps[j]["const"],
+                            steps[j]["offset"])
+                edited = {j}
+            elif kind == "parameter":
+                overrides[f"s{j}.k"] = CliValue(str(100 + n))
+                edited = {j}
+            elif kind == "secret_like_name":
+                overrides[f"s{j}.max_tokens"] = CliValue(str(200 + n))
+                edited = {j}
+            elif kind == "secret":
+                os.environ[SECRET_VAR] = "secret-" + "x" * n
+                edited = set(range(len(steps)))  # every step has api_token
+            elif kind == "input":
+                (root / "raw.txt").write_text(f"r{n}")
+                edited = {i for i, s in enumerate(steps) if s["raw"]}
+            elif kind == "folder_file":
+                (root / "rawdir" / f"added{n}.txt").write_text(f"d{n}")
+                edited = {i for i, s in enumerate(steps) if s["dir"]}
+            else:  # a no-op touch: same content, new mtime
+                os.utime(root / "raw.txt")
+                os.utime(root / "rawdir" / "a.txt")
+                edited = set()
+            status = {s.name: s.state for s in nbflow.Pipeline(root).status(overrides)}
+            expected = {f"s{i}" for i in closure(edited)}
+            assert {name for name, state in status.items() if state == "stale"} == expected, (kind, j, status)
+
+            assert run(root, parameters=overrides).ok
+            forced = tmp_path_factory.mktemp("forced")
+            for f in root.iterdir():
+                if f.suffix == ".ipynb" or f.name in ("raw.txt", "rawdir"):
+                    (shutil.copytree if f.is_dir() else shutil.copy)(f, forced / f.name)
+            assert run(forced, parameters=overrides, force=True).ok
+            for i in range(len(steps)):
+                assert (root / f"s{i}.txt").read_text() == (forced / f"s{i}.txt").read_text(), (kind, i)
+    finally:
+        if old_secret is None:
+            os.environ.pop(SECRET_VAR, None)
+        else:
+            os.environ[SECRET_VAR] = old_secret

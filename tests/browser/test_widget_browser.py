@@ -49,6 +49,7 @@ HERE = Path(__file__).parent
 FIXTURES = HERE.parent / "notebooks"
 ARTIFACTS = HERE.parent / "artifacts"
 KERNEL = "Python 3 (ipykernel)"
+pytestmark = pytest.mark.slow
 
 
 def _missing() -> str | None:
