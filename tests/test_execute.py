@@ -149,3 +149,19 @@ def test_non_finite_floats_are_injected_as_valid_code(tmp_path, notebook_factory
 
     assert nbflow.run(tmp_path, parameters={"ratio": CliValue("nan")}, display=False).ok
     assert (tmp_path / "o.txt").read_text() == "nan"
+
+
+def test_a_step_named_like_a_kept_attempt_never_overwrites_it(tmp_path, notebook_factory):
+    """Earlier attempts live outside runs/<run_id>/, so a notebook called `a.attempt-1` cannot collide."""
+    notebook_factory(tmp_path / "a.ipynb", 'outputs = {"o": "a.txt"}', "raise RuntimeError('always')")
+    notebook_factory(tmp_path / "a.attempt-1.ipynb", 'outputs = {"o": "other.txt"}',
+                     "print('I am the other step')\nopen(outputs['o'], 'w').write('x')")
+    (tmp_path / "nbflow.yaml").write_text("steps:\n  a: {retries: 1, retry_delay: 0}\n")
+    result = nbflow.run(tmp_path, display=False, jobs=1)
+    assert result.steps["a"].status == "failed" and result.steps["a"].attempts == 2
+    assert result.steps["a.attempt-1"].status == "succeeded"
+    kept = tmp_path / "_nbflow" / "attempts" / result.run_id / "attempt-1" / "a.ipynb"
+    other = tmp_path / result.steps["a.attempt-1"].notebook
+    assert other == tmp_path / "_nbflow" / "runs" / result.run_id / "a.attempt-1.ipynb"
+    assert "RuntimeError" in kept.read_text() and "I am the other step" not in kept.read_text()
+    assert "I am the other step" in other.read_text()
