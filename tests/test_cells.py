@@ -16,27 +16,36 @@ from nbflow.kernels import KernelRequest, start_kernel
 from kernel_helpers import shut_down_shared_fork_server  # noqa: E402,F401  (autouse fixture)
 
 
-def cell(source: str) -> dict:
-    return {"cell_type": "code", "id": "x", "metadata": {}, "execution_count": None, "outputs": [], "source": source}
+def cell(source: str, *tags: str) -> dict:
+    metadata = {"tags": list(tags)} if tags else {}
+    return {"cell_type": "code", "id": "x", "metadata": metadata, "execution_count": None, "outputs": [],
+            "source": source}
 
 
-def run_cells(tmp_path: Path, *sources: str, timeout: float | None = None) -> tuple[list[dict], BaseException | None]:
-    """Run the cells in order on one fresh kernel until one raises; the cells and that exception."""
-    cells = [cell(s) for s in sources]
+def run_cells(tmp_path: Path, *sources: str | dict,
+              timeout: float | None = None) -> tuple[list[dict], BaseException | None]:
+    """Run the cells (sources or cell dicts) in order on one fresh kernel until one raises; the cells and that error."""
+    cells = [cell(s) if isinstance(s, str) else s for s in sources]
+    return cells, run_notebook_cells(tmp_path, cells, timeout=timeout)
+
+
+def run_notebook_cells(cwd: Path, cells: list[dict], timeout: float | None = None) -> BaseException | None:
+    """Run the code cells in order on one fresh kernel in `cwd`, as step.py does, until one raises; that exception."""
 
     async def main() -> BaseException | None:
-        started = await start_kernel(KernelRequest("python3", str(tmp_path)))
+        started = await start_kernel(KernelRequest("python3", str(cwd)))
         try:
             runner = CellRunner(started.km, started.kc, timeout=timeout)
             for c in cells:
-                await runner.execute_cell(c, execution_count=runner.cells_executed + 1)
+                if c["cell_type"] == "code":
+                    await runner.execute_cell(c, execution_count=runner.cells_executed + 1)
         except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
             return e
         finally:
             await started.stop()
         return None
 
-    return cells, asyncio.run(main())
+    return asyncio.run(main())
 
 
 def test_outputs_are_recorded_as_nbformat_outputs(tmp_path: Path) -> None:
@@ -68,6 +77,94 @@ def test_an_exception_carries_the_traceback_and_stops_the_run(tmp_path: Path) ->
     assert "raise ValueError('bad value')" in error.traceback and "----- stdout -----\nbefore" in error.traceback
     assert cells[0]["outputs"][-1]["output_type"] == "error"
     assert cells[1]["outputs"] == []
+
+
+def stream(text: str, name: str = "stdout") -> dict:
+    return {"output_type": "stream", "name": name, "text": text}
+
+
+def shown(text_plain: str) -> dict:
+    return {"output_type": "display_data", "data": {"text/plain": text_plain}, "metadata": {}}
+
+
+def test_a_cell_tagged_raises_exception_records_the_error_and_the_run_goes_on(tmp_path: Path) -> None:
+    cells, error = run_cells(tmp_path, cell("print('before')\nraise ValueError('expected')", "raises-exception"),
+                             "print('after')")
+    assert error is None
+    before, raised = cells[0]["outputs"]
+    assert before == stream("before\n")
+    assert (raised["output_type"], raised["ename"], raised["evalue"]) == ("error", "ValueError", "expected")
+    assert cells[1]["outputs"] == [stream("after\n")]
+    assert [c["execution_count"] for c in cells] == [1, 2]
+
+
+def test_empty_and_skip_execution_cells_are_left_as_they_are(tmp_path: Path) -> None:
+    skipped = cell("print('not run')", "skip-execution")
+    skipped["outputs"] = [stream("from before\n")]
+    cells, error = run_cells(tmp_path, skipped, "  \n", "print('run')")
+    assert error is None
+    assert cells[0] == {**cell("print('not run')", "skip-execution"), "outputs": [stream("from before\n")]}
+    assert cells[1] == cell("  \n")
+    assert cells[2]["outputs"] == [stream("run\n")] and cells[2]["execution_count"] == 1
+
+
+def test_an_output_widget_captures_what_is_printed_inside_it(tmp_path: Path) -> None:
+    cells, error = run_cells(
+        tmp_path,
+        "import ipywidgets, json, sys\nfrom IPython.display import clear_output\nout = ipywidgets.Output()\nout",
+        "print('cell')\nwith out:\n    print('a')\n    sys.stdout.flush()\n    print('b')\n    display('shown')\n"
+        "print('cell again')",
+        "print(json.dumps(out.outputs))",  # what the kernel was told the widget shows
+        "with out:\n    print('old')\n    clear_output(wait=True)\n    print('new')\n    raise ValueError('inside')",
+        "print(json.dumps(out.outputs[:1]))",
+    )
+    assert error is None  # ipywidgets shows an error raised inside the widget there and swallows it
+    [view] = cells[0]["outputs"]
+    assert view["output_type"] == "execute_result"
+    assert set(view["data"]) == {"text/plain", "application/vnd.jupyter.widget-view+json"}
+    assert cells[1]["outputs"] == [stream("cell\n"), stream("cell again\n")]
+    assert json.loads(cells[2]["outputs"][0]["text"]) == [stream("a\nb\n"), shown("'shown'")]  # streams merged
+    assert cells[3]["outputs"] == []
+    assert json.loads(cells[4]["outputs"][0]["text"]) == [stream("new\n")]
+
+
+def test_a_display_is_updated_from_later_cells_unless_it_was_cleared(tmp_path: Path) -> None:
+    cells, error = run_cells(
+        tmp_path,
+        "from IPython.display import clear_output\nh = display('first', display_id='d')\nprint('text')",
+        "h.update('second')",
+        "display('again', display_id='d');",
+        "h.update('third')",
+        "g = display('gone', display_id='g')\nclear_output(wait=True)\nprint('instead')",
+        "g.update('back?')",
+    )
+    assert error is None
+    assert [c["outputs"] for c in cells] == [
+        [shown("'third'"), stream("text\n")], [], [shown("'third'")], [], [stream("instead\n")], []]
+
+
+def test_clear_output_wait_clears_before_the_next_output_only(tmp_path: Path) -> None:
+    cells, error = run_cells(
+        tmp_path,
+        "from IPython.display import clear_output\nfor i in range(3):\n    clear_output(wait=True)\n    print(i)",
+        "print('kept')\nclear_output(wait=True)",
+        "h = display('d', display_id='x')\nclear_output(wait=True)\nh.update('an update is not an output')",
+        "print('gone')\nclear_output()\nprint('now')",
+    )
+    assert error is None
+    assert [c["outputs"] for c in cells] == [
+        [stream("2\n")], [stream("kept\n")], [shown("'an update is not an output'")], [stream("now\n")]]
+
+
+def test_streams_are_recorded_as_they_arrive_as_nbclient_does(tmp_path: Path) -> None:
+    # nbclient's coalesce_streams is off by default: one output per stream message, \r kept
+    cells, error = run_cells(
+        tmp_path,
+        "import sys\nprint('a')\nsys.stdout.flush()\nprint('b')\nsys.stdout.flush()\n"
+        "print('c', file=sys.stderr)\nsys.stderr.flush()\nprint('50%\\r100%')",
+    )
+    assert error is None
+    assert cells[0]["outputs"] == [stream("a\n"), stream("b\n"), stream("c\n", "stderr"), stream("50%\r100%\n")]
 
 
 def test_input_fails_at_once(tmp_path: Path) -> None:

@@ -2,12 +2,29 @@
 
 Owns: the execute request, collecting the cell's outputs from iopub as
 nbformat-4 dicts (streams, display data, results, errors, clear_output,
-display updates), the cell timeout, noticing a dead kernel, and the errors
-that say how a cell ended (named and shaped as nbclient's, which nbflow used
-before). Talks to jupyter_client directly: importing nbclient imports
+display updates, also from later cells), the cell tags nbclient honours
+(`raises-exception`: the error is recorded and the run goes on;
+`skip-execution`: not run), ipywidgets' Output widget (while one captures, the
+outputs go into it and the kernel is told its new `outputs`, as a front end
+does, not into the cell), the cell timeout, noticing a dead kernel, and the
+errors that say how a cell ended (named and shaped as nbclient's, which nbflow
+used before). Talks to jupyter_client directly: importing nbclient imports
 nbformat, which imports jsonschema (~0.1 s; ~2 s where JupyterLab's
 jupyter-events brings jsonschema's format checkers), and nbclient validates
-every output with it. Widget comm messages are not recorded.
+every output with it. tests/test_cells_parity.py runs nbclient's own test
+notebooks through both.
+
+What nbclient does and this does not:
+- keep widget state: nbclient writes every widget's state into the notebook's
+  metadata (`widgets`, application/vnd.jupyter.widget-state+json), so a saved
+  notebook can show widgets and what Output widgets captured; here widget comm
+  messages only drive the Output widgets, and a saved notebook shows a widget
+  as its text/plain;
+- its options: no `allow_errors` / `allow_error_names` / `force_raise_errors`
+  (only the tag lets a cell raise), no `interrupt_on_timeout`, and
+  `coalesce_streams` stays off as it is by default in nbclient (0.10, 0.11):
+  streams are recorded one output per message, as they arrive; an Output widget
+  merges consecutive streams of one name, as nbclient's does.
 """
 
 from __future__ import annotations
@@ -21,6 +38,10 @@ _ALIVE_CHECK_INTERVAL = 1.0
 # After the execute reply, how long the last outputs (and the idle status) may lag on iopub.
 _IOPUB_GRACE = 4.0
 _OUTPUT_TYPES = ("stream", "display_data", "execute_result", "error")
+_DISPLAY_TYPES = ("display_data", "execute_result", "update_display_data")
+_RAISES_TAG = "raises-exception"  # nbclient's: the cell is expected to raise
+_SKIP_TAG = "skip-execution"  # nbclient's default `skip_cells_with_tag`
+_OUTPUT_MODEL = ("@jupyter-widgets/output", "OutputModel")  # (_model_module, _model_name) of ipywidgets.Output
 
 
 class CellExecutionError(Exception):
@@ -63,20 +84,31 @@ class CellRunner:
         self.timeout = timeout if timeout and timeout > 0 else None
         self.cells_executed = 0
         self._displays: dict[str, list[dict]] = {}  # display_id -> the outputs showing it, in any cell
+        self._output_widgets: dict[str, _OutputWidget] = {}  # comm_id -> an Output widget the kernel opened
+        # msg_id of an execute request -> the Output widgets capturing its outputs, the innermost last
+        self._capturing: dict[str, list[_OutputWidget]] = {}
+        self._clear_pending = False  # clear_output(wait=True): clear the cell before its next output
 
     async def execute_cell(self, cell: dict, execution_count: int | None = None) -> None:
         """Execute `cell` (a code cell dict); its outputs, execution count and timing metadata are set in place.
 
-        Raises CellExecutionError, CellTimeoutError or DeadKernelError.
+        An empty cell, or one tagged `skip-execution`, is left as it is and not counted.
+        Raises CellExecutionError (not for a cell tagged `raises-exception`), CellTimeoutError or DeadKernelError.
         """
         import zmq  # noqa: PLC0415
         from zmq.asyncio import Poller  # noqa: PLC0415
 
+        tags = (cell.get("metadata") or {}).get("tags") or []
+        if not cell["source"].strip() or _SKIP_TAG in tags:
+            return
+        may_raise = _RAISES_TAG in tags
         timing: dict[str, str] = {}
         cell.setdefault("metadata", {})["execution"] = timing
         cell["outputs"] = []
+        self._clear_pending = False
         # no stdin: input() fails at once instead of waiting forever for an answer nobody will type
-        msg_id = self.kc.execute(cell["source"], store_history=True, stop_on_error=True, allow_stdin=False)
+        msg_id = self.kc.execute(cell["source"], store_history=True, stop_on_error=not may_raise,
+                                 allow_stdin=False)
         self.cells_executed += 1
         loop = asyncio.get_running_loop()
         deadline = None if self.timeout is None else loop.time() + self.timeout
@@ -84,7 +116,7 @@ class CellRunner:
         poller.register(self.kc.shell_channel.socket, zmq.POLLIN)
         poller.register(self.kc.iopub_channel.socket, zmq.POLLIN)
         reply: dict[str, Any] | None = None
-        idle = clear_pending = False
+        idle = False
         grace_until = 0.0
         while reply is None or not idle:
             now = loop.time()
@@ -114,47 +146,109 @@ class CellRunner:
                 message = await _next(self.kc.iopub_channel)
                 if message is None:
                     break
-                if message["parent_header"].get("msg_id") != msg_id:
-                    continue
-                idle, clear_pending = self._on_iopub(cell, message, timing, clear_pending)
+                if message["parent_header"].get("msg_id") == msg_id:
+                    idle = self._on_iopub(cell, message, timing)
         if execution_count:
             cell["execution_count"] = execution_count
         assert reply is not None
-        if reply["content"].get("status") == "error":
+        if reply["content"].get("status") == "error" and not may_raise:
             raise CellExecutionError.from_cell(cell, reply["content"])
 
-    def _on_iopub(self, cell: dict, message: dict, timing: dict[str, str], clear_pending: bool) -> tuple[bool, bool]:
-        """Record one iopub message of the running cell; returns (idle seen, a clear_output(wait=True) pending)."""
+    def _on_iopub(self, cell: dict, message: dict, timing: dict[str, str]) -> bool:
+        """Record one iopub message of the running cell, in nbclient's order; True for the idle status."""
         kind = message["header"]["msg_type"]
         content = message["content"]
+        display_id = (content.get("transient") or {}).get("display_id")
+        if display_id and kind in _DISPLAY_TYPES:
+            for shown in self._displays.get(display_id, []):
+                shown["data"], shown["metadata"] = content["data"], content["metadata"]
         if "execution_count" in content:
             cell["execution_count"] = content["execution_count"]
         if kind == "status":
             state = content.get("execution_state")
             if state in ("busy", "idle"):
                 timing[f"iopub.status.{state}"] = _timestamp(message)
-            return state == "idle", clear_pending
+            return state == "idle"
         if kind == "execute_input":
             timing["iopub.execute_input"] = _timestamp(message)
-            return False, clear_pending
+            return False
+        if kind.startswith("comm_"):
+            self._on_comm(kind, content)
+            return False
+        if kind not in _OUTPUT_TYPES and kind != "clear_output":
+            return False  # update_display_data (done above), and what no front end shows
+        capturing = self._capturing.get(message["parent_header"]["msg_id"])
+        if capturing:
+            capturing[-1].record(kind, content, message["parent_header"])
+            return False
         if kind == "clear_output":
             if content.get("wait"):
-                return False, True
+                self._clear_pending = True
+            else:
+                cell["outputs"].clear()
+            return False
+        if self._clear_pending:
             cell["outputs"].clear()
-            return False, False
-        display_id = (content.get("transient") or {}).get("display_id")
-        if display_id and kind in ("display_data", "execute_result", "update_display_data"):
-            for shown in self._displays.get(display_id, []):
-                shown["data"], shown["metadata"] = content["data"], content["metadata"]
-        if kind not in _OUTPUT_TYPES:
-            return False, clear_pending  # update_display_data, comm messages, ...
-        if clear_pending:
-            cell["outputs"].clear()
+            self._clear_pending = False
         output = _output(kind, content)
         if display_id:
             self._displays.setdefault(display_id, []).append(output)
         cell["outputs"].append(output)
-        return False, False
+        return False
+
+    def _on_comm(self, kind: str, content: dict) -> None:
+        """Follow the Output widgets: opened, and starting or ending to capture (their `msg_id`)."""
+        comm_id = content["comm_id"]
+        state = (content.get("data") or {}).get("state") or {}
+        if kind == "comm_open":
+            if (content.get("target_name") == "jupyter.widget"
+                    and (state.get("_model_module"), state.get("_model_name")) == _OUTPUT_MODEL):
+                self._output_widgets[comm_id] = _OutputWidget(comm_id, list(state.get("outputs") or []), self.kc)
+            return
+        widget = self._output_widgets.get(comm_id)
+        if kind != "comm_msg" or widget is None or "msg_id" not in state:
+            return
+        if state["msg_id"]:
+            widget.msg_id = state["msg_id"]
+            self._capturing.setdefault(widget.msg_id, []).append(widget)
+        elif widget in self._capturing.get(widget.msg_id, []):
+            self._capturing[widget.msg_id].remove(widget)
+            if not self._capturing[widget.msg_id]:
+                del self._capturing[widget.msg_id]
+
+
+class _OutputWidget:
+    """The front end's side of one ipywidgets Output widget, as nbclient's OutputWidget plays it."""
+
+    def __init__(self, comm_id: str, outputs: list[dict], kc: Any) -> None:
+        self.comm_id = comm_id
+        self.outputs = outputs
+        self.kc = kc
+        self.msg_id = ""  # the execute request whose outputs it captures
+        self.clear_pending = False
+
+    def record(self, kind: str, content: dict, parent: dict) -> None:
+        """An output or clear_output message sent while the widget captures."""
+        if kind == "clear_output":
+            if content.get("wait"):
+                self.clear_pending = True
+                return
+            self.outputs = []
+        else:
+            if self.clear_pending:
+                self.outputs = []
+                self.clear_pending = False
+            output = _output(kind, content)
+            last = self.outputs[-1] if self.outputs else None
+            if (last is not None and last["output_type"] == output["output_type"] == "stream"
+                    and last["name"] == output["name"]):
+                last["text"] += output["text"]
+            else:
+                self.outputs.append(output)
+        # tell the kernel, as a front end does: `Output.outputs` there is what the widget shows
+        state = {"method": "update", "state": {"outputs": self.outputs}, "buffer_paths": []}
+        self.kc.shell_channel.send(self.kc.session.msg("comm_msg", content={"data": state, "comm_id": self.comm_id},
+                                                       parent=parent))
 
 
 async def _next(channel: Any) -> dict | None:
