@@ -193,7 +193,7 @@ def _producers(root: Path, steps: dict[str, Step], problems: list[Problem]
             other = producers.setdefault(path, name)
             if other != name:
                 problems.append(Problem(
-                    f"steps {other!r} and {name!r} both write {_rel(path, root)}; a file must have one "
+                    f"steps {other!r} and {name!r} both write {relative_to(path, root)}; a file must have one "
                     "producer", file=step.rel_path, step=name))
         for value in step.publishes:
             other = value_producers.setdefault(value, name)
@@ -219,7 +219,7 @@ def _edges(root: Path, steps: dict[str, Step], producers: dict[Path, str], value
             if is_folder_path(label):
                 writers |= {w for p, w in producers.items() if path in p.parents}
             if name in writers:
-                problems.append(Problem(f"reads {_rel(path, root)}, which it also writes", file=step.rel_path))
+                problems.append(Problem(f"reads {relative_to(path, root)}, which it also writes", file=step.rel_path))
                 writers.discard(name)
             if writers:
                 produced.add(path)
@@ -271,11 +271,12 @@ def _stable_order(sorter: graphlib.TopologicalSorter) -> list[str]:
     return order
 
 
-def _rel(path: Path, root: Path) -> str:
+def relative_to(path: Path, root: Path) -> str:
+    """`path` as seen from the pipeline folder `root` (posix; with `..` when outside it)."""
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
-        return os.path.relpath(path, root)
+        return Path(os.path.relpath(path, root)).as_posix()
 
 
 def select_steps(graph: Graph, names: Iterable[str]) -> list[str]:

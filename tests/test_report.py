@@ -93,7 +93,7 @@ def test_report_of_a_named_run_has_header_graph_steps_and_files(recorded, tmp_pa
     assert "<script" not in page and "<link" not in page and not re.search(r"src=|url\(", page)
     # header
     assert "<h1>Run <code>20250101T060000-aaaaaa</code></h1>" in page
-    assert "4.25s" in page and "failed" in page
+    assert "4.2 s" in page and "failed" in page
     assert "<code>offset</code> = <code>5</code>" in page
     assert "s3cret" not in page and "<code>api_token</code> = <code>***</code>" in page
     # graph, coloured by this run
@@ -113,7 +113,7 @@ def test_report_of_a_named_run_has_header_graph_steps_and_files(recorded, tmp_pa
     assert '<a href="../diamond/_nbflow/runs/20250101T060000-aaaaaa/c.ipynb">' in row_c
     assert (out.parent / "../diamond/_nbflow/runs/20250101T060000-aaaaaa/c.ipynb").resolve().exists()
     row_b = re.search(r'<tr id="step-b">.*?</tr>', page, re.S).group(0)
-    assert "<td class=num>2</td>" in row_b and "1.50s" in row_b and "attempt 1 failed: DeadKernelError" in row_b
+    assert "<td class=num>2</td>" in row_b and "1.5 s" in row_b and "attempt 1 failed: DeadKernelError" in row_b
     assert "parameter offset 1 -&gt; 5" in row_b
     row_d = re.search(r'<tr id="step-d">.*?</tr>', page, re.S).group(0)
     assert "not run" in row_d and "upstream c did not succeed" in row_d

@@ -85,14 +85,14 @@ def test_final_table_shows_every_step_its_state_progress_and_the_failure():
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^[✔✖↷⊘]\s+(\w+)\s{2,}.*$", final, re.M)}
     assert set(rows) == {"extract", "clean", "stats", "report"}
     assert rows["extract"].startswith("↷") and "skipped" in rows["extract"] and "fresh" in rows["extract"]
-    assert "succeeded" in rows["clean"] and "3/3" in rows["clean"] and "1.2s" in rows["clean"]
+    assert "succeeded" in rows["clean"] and "3/3" in rows["clean"] and "1.2 s" in rows["clean"]
     assert "failed" in rows["stats"] and "2/5" in rows["stats"] and "KeyError" in rows["stats"]
-    assert re.search(r"0\.8s\s+2\s", rows["stats"]), rows["stats"]  # elapsed, then attempts
+    assert re.search(r"0\.8 s\s+2\s", rows["stats"]), rows["stats"]  # elapsed, then attempts
     assert "not run" in rows["report"] and "stats did not succeed" in rows["report"]
     assert "✖ stats: KeyError: 'temp_max' (cell 4)" in final
     assert "at: df['temp_max'].mean()" in final
     assert "/data/pipe/_nbflow/runs/r1/stats.ipynb" in final  # outside the working directory: absolute
-    assert "✖ run r1 failed in 3.5s: 1 succeeded, 1 skipped, 1 failed, 1 not run" in final
+    assert "✖ run r1 failed in 3.5 s: 1 succeeded, 1 skipped, 1 failed, 1 not run" in final
     assert "⠋" not in final  # no spinner left behind
 
 
@@ -106,7 +106,7 @@ def test_the_live_table_updates_while_steps_run():
     assert "1/4" in screen(c) and "running" in screen(c)
     progress(StepFailed("a", 1, 0.1, "_nbflow/runs/r2/a.ipynb", StepError("exception", "OSError", "disk"),
                         will_retry=True, retry_in_s=2))
-    assert "retrying in 2s" in screen(c)
+    assert "retry in 2 s" in screen(c)
     result = RunResult("r2", "/p", RunStatus.CANCELLED, {"a": StepResult("a", StepStatus.CANCELLED, 1, 0.2)}, 0, 1)
     progress(RunFinished(result))
     assert progress._live is None

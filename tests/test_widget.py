@@ -176,8 +176,10 @@ def test_skipped_cancelled_and_retrying_steps(pipeline):
     parts = w.row_widgets["total"]
     assert "retrying" in text(parts.state)
     assert "attempt 1 failed" in text(parts.note) and "retry in 1 s" in text(parts.note)
-    assert parts.error.layout.display == "none"  # not a failure (yet)
+    # the failed attempt's error shows (as in the terminal) until the next attempt starts
+    assert parts.error.layout.display == "" and ERROR.ename in text(parts.error)
     w(StepStarted("total", 2, notebook("total"), 3, t0))
+    assert parts.error.layout.display == "none"
     assert "2 of 3" in text(parts.attempts)
     assert "running" in text(parts.state) and parts.progress.bar_style == ""
     w(StepCancelled("total", 2, 0.25, notebook("total"), t0))

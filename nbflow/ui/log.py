@@ -12,6 +12,7 @@ from typing import TextIO
 
 from ..events import (CellFinished, Event, RunFinished, RunStarted, StepCancelled, StepFailed, StepNotRun,
                       StepSkipped, StepStarted, StepSucceeded)
+from .view import format_duration, not_run_note
 
 
 def describe(event: Event) -> str | None:
@@ -26,22 +27,22 @@ def describe(event: Event) -> str | None:
         attempt = f" (attempt {event.attempt})" if event.attempt > 1 else ""
         return f"{event.step}: started{attempt}{why}"
     if isinstance(event, StepSucceeded):
-        return f"{event.step}: succeeded in {event.duration_s:.2f}s -> {event.notebook}"
+        return f"{event.step}: succeeded in {format_duration(event.duration_s)} -> {event.notebook}"
     if isinstance(event, StepFailed):
-        retry = f"; retrying in {event.retry_in_s:g}s" if event.will_retry else ""
+        retry = f"; retry in {event.retry_in_s:g} s" if event.will_retry else ""
         where = f"\n    at: {event.error.source_line}" if event.error.source_line else ""
         kept = (f"\n    notebook: {event.notebook}" if event.notebook
                 else "\n    (the executed notebook could not be saved)")
-        return f"{event.step}: FAILED after {event.duration_s:.2f}s: {event.error.summary()}{retry}{where}{kept}"
+        return (f"{event.step}: FAILED after {format_duration(event.duration_s)}: {event.error.summary()}{retry}"
+                f"{where}{kept}")
     if isinstance(event, StepCancelled):
         return f"{event.step}: cancelled" + (f" -> {event.notebook}" if event.notebook else "")
     if isinstance(event, StepNotRun):
-        return f"{event.step}: not run ({event.because} did not succeed)" if event.because != "--fail-fast" \
-            else f"{event.step}: not run (--fail-fast)"
+        return f"{event.step}: not run ({not_run_note(event.because)})"
     if isinstance(event, RunFinished):
         r = event.result
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r.counts().items()))
-        return f"run {r.run_id}: {r.status.value} in {r.duration_s:.2f}s ({counts})"
+        return f"run {r.run_id}: {r.status.value} in {format_duration(r.duration_s)} ({counts})"
     if isinstance(event, CellFinished):
         return None
     return None

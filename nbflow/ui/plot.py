@@ -24,7 +24,8 @@ from typing import Any, Hashable, Mapping
 from xml.sax.saxutils import escape, quoteattr
 
 from ..errors import NbflowError, PipelineError, Problem
-from ..graph import Graph
+from ..graph import Graph, relative_to
+from .view import STATE_STYLES, format_duration
 
 __all__ = ["svg", "html", "mermaid", "write", "STATUS_STYLES", "SUFFIXES"]
 
@@ -40,16 +41,9 @@ class Style:
     label: str = ""
 
 
-# The order is the legend's order.
-STATUS_STYLES: dict[str, Style] = {
-    "pending": Style("#f1f3f5", "#868e96", label="pending"),
-    "running": Style("#d0ebff", "#1c7ed6", label="running"),
-    "succeeded": Style("#d3f9d8", "#2f9e44", label="succeeded"),
-    "skipped": Style("#e6f0e8", "#8db596", "#3d5c45", label="skipped (fresh)"),
-    "failed": Style("#ffe3e3", "#e03131", label="failed"),
-    "cancelled": Style("#ffe8cc", "#f08c00", label="cancelled"),
-    "not_run": Style("#f8f9fa", "#adb5bd", "#868e96", dash=True, label="not run"),
-}
+# The colours of view.STATE_STYLES, keyed by the state's value; the order is the legend's order.
+STATUS_STYLES: dict[str, Style] = {status.value: Style(s.fill, s.stroke, s.text, s.dash, s.legend)
+                                   for status, s in STATE_STYLES.items()}
 _PLAIN = Style("#ffffff", "#495057")  # no run to show
 _OUTSIDE = Style("#ffffff", "#ced4da", "#868e96", label="not in this run")
 _EDGE = "#8c96a3"
@@ -402,18 +396,11 @@ def _subtitle(result: Any, name: str, status: str | None) -> str:
     if status == "failed" and cell:
         parts.append(f"cell {cell}")
     elif status in ("succeeded", "failed", "cancelled") and isinstance(duration, (int, float)):
-        parts.append(_seconds(duration))
+        parts.append(format_duration(duration))
     attempts = getattr(step, "attempts", 0)
     if isinstance(attempts, int) and attempts > 1:
         parts.append(f"{attempts} attempts")
     return " · ".join(parts)
-
-
-def _seconds(s: float) -> str:
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(int(round(s)), 60)
-    return f"{m}m{sec:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
 def _edge_files(graph: Graph, source: str, target: str) -> list[str]:
@@ -424,15 +411,8 @@ def _edge_files(graph: Graph, source: str, target: str) -> list[str]:
             if ref.label.startswith("value "):
                 names.append(ref.label)
             else:
-                names.append(_rel(ref.path, graph.root))
+                names.append(relative_to(ref.path, graph.root))
     return names
-
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return Path(os.path.relpath(path, root)).as_posix()
 
 
 def _step_title(graph: Graph, name: str, result: Any, status: str | None) -> str:

@@ -24,6 +24,7 @@ from ..errors import NbflowError, PipelineError, Problem, did_you_mean
 from ..events import StepError
 from ..graph import STATE_DIR, build_graph
 from . import plot
+from .view import format_duration
 
 __all__ = ["write", "render", "resolve_run_id"]
 
@@ -156,12 +157,7 @@ def _when(ts: float | None) -> str:
 
 
 def _duration(s: float | None) -> str:
-    if s is None:
-        return "–"
-    if s < 60:
-        return f"{s:.2f}s"
-    m, sec = divmod(int(round(s)), 60)
-    return f"{m}m{sec:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m{sec:02d}s"
+    return format_duration(s) or "–"
 
 
 def _badge(status: str) -> str:

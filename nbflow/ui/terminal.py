@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -22,55 +21,11 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from ..events import (
-    CellFinished,
-    CellStarted,
-    Event,
-    RunFinished,
-    RunResult,
-    RunStarted,
-    StepCancelled,
-    StepError,
-    StepFailed,
-    StepNotRun,
-    StepSkipped,
-    StepStarted,
-    StepSucceeded,
-)
+from ..events import Event, RunFinished, RunStarted, StepStatus
+from .view import STATE_STYLES, RunView, StepView, format_duration
 
-# status -> (icon, word, rich style): the hues of nbflow.ui.plot
-STYLES: dict[str, tuple[str, str, str]] = {
-    "pending": ("○", "pending", "grey50"),
-    "running": ("▶", "running", "bold dodger_blue2"),
-    "retrying": ("↻", "retrying", "bold yellow"),
-    "succeeded": ("✔", "succeeded", "green"),
-    "skipped": ("↷", "skipped", "dark_sea_green4"),
-    "failed": ("✖", "failed", "bold red"),
-    "not_run": ("⊘", "not run", "grey50"),
-    "cancelled": ("■", "cancelled", "dark_orange"),
-}
 _BAR_WIDTH = 16
-
-
-@dataclass
-class _Row:
-    name: str
-    status: str = "pending"
-    note: str = ""  # why it runs, why it was skipped, what it waits for
-    attempt: int = 0
-    cells_done: int = 0
-    cells_total: int = 0
-    started_at: float | None = None
-    duration_s: float | None = None
-    notebook: str | None = None
-    error: StepError | None = None
-
-    def elapsed(self, now: float) -> float | None:
-        if self.duration_s is not None:
-            return self.duration_s
-        if self.started_at is not None and self.status == "running":
-            return now - self.started_at
-        return None
+_BAR_STYLES = {StepStatus.FAILED: "red", StepStatus.CANCELLED: "dark_orange"}
 
 
 class TerminalProgress:
@@ -79,10 +34,7 @@ class TerminalProgress:
     def __init__(self, console: Console | None = None, *, refresh_per_second: float = 8):
         self.console = console or Console()
         self.refresh_per_second = refresh_per_second
-        self.rows: dict[str, _Row] = {}
-        self.run_id = ""
-        self.root = ""
-        self.result: RunResult | None = None
+        self.view = RunView()
         self._live: Live | None = None
         self._lock = threading.Lock()
         # Kernels write to the terminal directly (warnings, crash reports): on our own terminal their
@@ -90,10 +42,16 @@ class TerminalProgress:
         self._reroute_stderr = console is None and _is_terminal(1) and _is_terminal(2)
         self._stderr: _StderrAboveLive | None = None
 
+    @property
+    def rows(self) -> dict[str, StepView]:
+        return self.view.steps
+
     # -- events ---------------------------------------------------------------------------
     def __call__(self, event: Event) -> None:
         with self._lock:
-            self._apply(event)
+            if isinstance(event, RunStarted):
+                self.view = RunView()
+            self.view.apply(event)
         if isinstance(event, RunStarted):
             self._start()
         elif isinstance(event, RunFinished):
@@ -101,53 +59,6 @@ class TerminalProgress:
             self.console.print(self._summary(), soft_wrap=True)  # paths stay whole, easy to copy
         elif self._live is not None:
             self._live.refresh()
-
-    def _apply(self, e: Event) -> None:
-        if isinstance(e, RunStarted):
-            self.run_id, self.root = e.run_id, e.root
-            self.rows = {p.name: _Row(p.name, note="fresh" if p.action == "skip" else "; ".join(p.reasons))
-                         for p in e.plan}
-            return
-        row = self.rows.get(getattr(e, "step", ""))
-        if isinstance(e, RunFinished):
-            self.result = e.result
-            for name, step in e.result.steps.items():
-                r = self.rows.setdefault(name, _Row(name))
-                r.status = step.status.value
-                r.attempt = step.attempts or r.attempt
-                r.notebook = step.notebook or r.notebook
-                r.error = step.error or (r.error if r.status == "failed" else None)
-                if step.duration_s is not None:
-                    r.duration_s = step.duration_s
-        elif row is None:
-            return
-        elif isinstance(e, StepStarted):
-            row.status, row.attempt, row.started_at = "running", e.attempt, e.started_at
-            row.cells_done, row.cells_total, row.notebook, row.duration_s = 0, e.total_cells, e.notebook, None
-            if e.reasons and e.attempt == 1:
-                row.note = "; ".join(e.reasons)
-        elif isinstance(e, CellStarted):
-            row.cells_total = e.total
-        elif isinstance(e, CellFinished):
-            row.cells_done, row.cells_total = e.index, e.total
-        elif isinstance(e, StepSucceeded):
-            row.status, row.duration_s, row.notebook, row.error = "succeeded", e.duration_s, e.notebook, None
-            row.cells_done = row.cells_total
-        elif isinstance(e, StepFailed):
-            row.error, row.notebook = e.error, e.notebook or row.notebook
-            if e.will_retry:
-                row.status, row.note = "retrying", f"attempt {e.attempt} failed; retrying in {e.retry_in_s:g}s"
-            else:
-                row.status, row.duration_s = "failed", e.duration_s
-        elif isinstance(e, StepCancelled):
-            row.status = "cancelled"
-            row.duration_s = e.duration_s if e.attempt else None
-            row.notebook = e.notebook or row.notebook
-        elif isinstance(e, StepSkipped):
-            row.status, row.note = "skipped", "; ".join(e.reasons)
-        elif isinstance(e, StepNotRun):
-            row.status = "not_run"
-            row.note = "--fail-fast" if e.because == "--fail-fast" else f"{e.because} did not succeed"
 
     # -- the live display --------------------------------------------------------------------
     def _start(self) -> None:
@@ -184,40 +95,37 @@ class TerminalProgress:
             for row in self.rows.values():
                 table.add_row(*self._cells(row, now))
             failures = [self._failure(r) for r in self.rows.values() if r.error is not None
-                        and r.status in ("failed", "retrying")]
+                        and (r.status == StepStatus.FAILED or r.retrying)]
             return Group(table, *failures) if failures else table
 
     def _title(self) -> str:
-        total = len(self.rows)
-        done = sum(r.status in ("succeeded", "skipped", "failed", "not_run", "cancelled") for r in self.rows.values())
-        return f"nbflow run {self.run_id}  ({done}/{total} steps done)"
+        return f"nbflow run {self.view.run_id}  ({self.view.done}/{len(self.rows)} steps done)"
 
-    def _cells(self, row: _Row, now: float) -> list[RenderableType]:
-        icon, word, style = STYLES.get(row.status, STYLES["pending"])
-        live = self._live is not None and self.result is None
-        mark: RenderableType = Spinner("dots", style=style) if row.status == "running" and live else Text(icon, style)
-        if row.cells_total and row.attempt:
-            bar_style = {"failed": "red", "cancelled": "dark_orange", "retrying": "yellow"}.get(row.status, "green")
+    def _cells(self, row: StepView, now: float) -> list[RenderableType]:
+        style = row.style
+        live = self._live is not None and self.view.result is None
+        running = row.status == StepStatus.RUNNING and not row.retrying
+        mark: RenderableType = Spinner("dots", style=style.rich) if running and live else Text(style.icon, style.rich)
+        if row.cells_total and row.started:
+            bar_style = "yellow" if row.retrying else _BAR_STYLES.get(row.status, "green")
             bar: RenderableType = Text.assemble(*_bar_segments(row.cells_done, row.cells_total, bar_style),
-                                                f" {row.cells_done}/{row.cells_total}")
+                                                f" {row.cells}")
         else:
             bar = Text("")
-        elapsed = row.elapsed(now)
         note = row.note
-        if row.status == "failed" and row.error is not None:
+        failed = row.status == StepStatus.FAILED
+        if failed and row.error is not None:
             note = row.error.summary()
-        return [mark, Text(row.name), Text(word, style), bar,
-                Text(_seconds(elapsed) if elapsed is not None else ""),
-                Text(str(row.attempt) if row.attempt > 1 else ""), Text(note, style="red" if row.status == "failed"
-                                                                         else "grey50")]
+        return [mark, Text(row.name), Text(style.word, style.rich), bar, Text(format_duration(row.elapsed(now))),
+                Text(str(row.attempt) if row.attempt > 1 else ""), Text(note, style="red" if failed else "grey50")]
 
-    def _failure(self, row: _Row) -> RenderableType:
+    def _failure(self, row: StepView) -> RenderableType:
         error = row.error
         assert error is not None
         text = Text()
         text.append(f"✖ {row.name}", style="bold red")
         text.append(f": {error.summary()}", style="red")
-        if row.status == "retrying":
+        if row.retrying:
             text.append(f" (attempt {row.attempt}; retrying)", style="yellow")
         if error.source_line:
             text.append("\n    at: ", style="grey50")
@@ -229,7 +137,7 @@ class TerminalProgress:
 
     def _path(self, rel: str) -> str:
         """A path of the pipeline folder as the user can open it from where nbflow was started."""
-        full = os.path.join(self.root, rel)
+        full = os.path.join(self.view.root, rel)
         try:
             here = os.path.relpath(full)
         except ValueError:
@@ -237,16 +145,15 @@ class TerminalProgress:
         return full if here.startswith("..") else here
 
     def _summary(self) -> Text:
-        result = self.result
+        result = self.view.result
         if result is None:
             return Text("")
-        counts = result.counts()
-        order = ("succeeded", "skipped", "failed", "not_run", "cancelled", "pending", "running")
-        parts = ", ".join(f"{counts[s]} {STYLES[s][1]}" for s in order if s in counts)
-        icon, _, style = {"succeeded": STYLES["succeeded"], "cancelled": STYLES["cancelled"]}.get(
-            result.status.value, STYLES["failed"])
-        text = Text.assemble((f"{icon} run {result.run_id} {result.status.value}", style),
-                             f" in {_seconds(result.duration_s)}: {parts}")
+        counts = self.view.counts()
+        parts = ", ".join(f"{n} {STATE_STYLES[s].word}" for s, n in counts.items())
+        style = STATE_STYLES[StepStatus(result.status.value)] if result.status.value in ("succeeded", "cancelled") \
+            else STATE_STYLES[StepStatus.FAILED]
+        text = Text.assemble((f"{style.icon} run {result.run_id} {result.status.value}", style.rich),
+                             f" in {format_duration(result.duration_s)}: {parts}")
         if any(r.notebook for r in self.rows.values()):
             text.append(f"\n  executed notebooks: {self._path(f'_nbflow/runs/{result.run_id}')}/", style="grey50")
         return text
@@ -294,13 +201,6 @@ def _is_terminal(fd: int) -> bool:
 def _bar_segments(done: int, total: int, style: str) -> list[tuple[str, str]]:
     filled = round(_BAR_WIDTH * done / total) if total else 0
     return [("━" * filled, style), ("━" * (_BAR_WIDTH - filled), "grey23")]
-
-
-def _seconds(s: float) -> str:
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(int(round(s)), 60)
-    return f"{m}m{sec:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
 __all__ = ["TerminalProgress"]

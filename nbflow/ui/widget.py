@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
 
-from ..events import (CellFinished, CellStarted, Event, RunFinished, RunResult, RunStarted, RunStatus,
-                      StepCancelled, StepError, StepFailed, StepNotRun, StepResult, StepSkipped, StepStarted,
-                      StepStatus, StepSucceeded)
+from ..events import Event, RunFinished, RunResult, RunStarted, RunStatus, StepFailed, StepStarted, StepStatus
+from .view import RUN_STYLES, STATE_STYLES, RunView, StateStyle, StepView, format_duration
 
 if TYPE_CHECKING:
     from ..execute import Runner
@@ -43,25 +42,6 @@ if TYPE_CHECKING:
 
 TICK_S = 0.5  # how often elapsed times move while steps run
 
-# state -> (icon, label, colour): the hues of nbflow.ui.plot; white text on the filled ones has a contrast >= 4:1
-STYLES: dict[StepStatus, tuple[str, str, str]] = {
-    StepStatus.PENDING: ("○", "pending", "#868e96"),
-    StepStatus.RUNNING: ("▶", "running", "#1971c2"),
-    StepStatus.SUCCEEDED: ("✔", "succeeded", "#2b8a3e"),
-    StepStatus.FAILED: ("✖", "failed", "#c92a2a"),
-    StepStatus.SKIPPED: ("↷", "skipped", "#5c7f67"),
-    StepStatus.NOT_RUN: ("⊘", "not run", "#868e96"),
-    StepStatus.CANCELLED: ("■", "cancelled", "#d9480f"),
-}
-RUN_STYLES: dict[RunStatus, tuple[str, str, str]] = {
-    RunStatus.RUNNING: STYLES[StepStatus.RUNNING],
-    RunStatus.SUCCEEDED: STYLES[StepStatus.SUCCEEDED],
-    RunStatus.FAILED: STYLES[StepStatus.FAILED],
-    RunStatus.CANCELLED: STYLES[StepStatus.CANCELLED],
-    RunStatus.INTERRUPTED: STYLES[StepStatus.CANCELLED],
-}
-TOTALS_ORDER = (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.RUNNING, StepStatus.PENDING,
-                StepStatus.SKIPPED, StepStatus.NOT_RUN, StepStatus.CANCELLED)
 OUTLINED = {"pending": "solid", "not run": "dashed"}  # label -> border style
 BAR_STYLES = {StepStatus.SUCCEEDED: "success", StepStatus.FAILED: "danger", StepStatus.CANCELLED: "warning"}
 
@@ -73,32 +53,6 @@ ERROR_RED = "var(--jp-error-color1, #c62828)"
 # column widths, shared by the column titles, the rows and the static table
 WIDTHS = {"state": "9.5em", "progress": "150px", "cells": "4.5em", "elapsed": "6em", "attempts": "5.5em",
           "notebook": "13em"}
-
-
-@dataclass
-class StepRow:
-    """What the widget knows about one step; rendered into widgets and into the static table."""
-
-    name: str
-    max_attempts: int = 1
-    status: StepStatus = StepStatus.PENDING
-    retrying: bool = False
-    attempt: int = 0
-    cells_done: int = 0
-    cells_total: int = 0
-    started_at: float | None = None
-    duration_s: float | None = None
-    notebook: str | None = None  # executed copy, relative to the pipeline folder; set once written
-    error: StepError | None = None
-    note: str = ""
-    reasons: tuple[str, ...] = ()
-
-    def elapsed(self, now: float) -> float | None:
-        if self.duration_s is not None:
-            return self.duration_s
-        if self.started_at is not None and self.status == StepStatus.RUNNING:
-            return max(0.0, now - self.started_at)
-        return None
 
 
 @dataclass
@@ -122,14 +76,7 @@ class RunWidget:
         self.graph = graph
         self.root = Path(graph.root)
         self.cwd = Path.cwd()  # the notebook calling nbflow.run: links are relative to it
-        self.rows: dict[str, StepRow] = {
-            p.name: StepRow(p.name, graph.config.for_step(p.name).retries + 1, reasons=p.reasons)
-            for p in plan.steps}
-        self.run_id: str | None = None
-        self.run_status = RunStatus.RUNNING
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.result: RunResult | None = None
+        self.view = RunView(plan.steps, {p.name: graph.config.for_step(p.name).retries + 1 for p in plan.steps})
         self.runner: "Runner | None" = None
         self.blocking = False  # the run holds the kernel: clicks wait until the cell ends
         self._can_cancel: bool | None = None  # set by attach(); None: guessed from the thread at RunStarted
@@ -141,6 +88,18 @@ class RunWidget:
         self._handle: Any = None
         self._build()
         self._refresh_all()
+
+    @property
+    def rows(self) -> dict[str, StepView]:
+        return self.view.steps
+
+    @property
+    def result(self) -> RunResult | None:
+        return self.view.result
+
+    @property
+    def run_id(self) -> str:
+        return self.view.run_id
 
     # -- public ----------------------------------------------------------------------
     def attach(self, runner: "Runner", can_cancel: bool | None = None) -> None:
@@ -184,80 +143,30 @@ class RunWidget:
 
     # -- events ----------------------------------------------------------------------
     def _handle_event(self, event: Event) -> None:
+        before = {name: row.status for name, row in self.rows.items()}
+        row = self.view.apply(event)
         if isinstance(event, RunStarted):
-            self.run_id = event.run_id
-            self.started_at = event.started_at
             if self._can_cancel is None:
                 self.blocking = threading.current_thread() is threading.main_thread()
             self._refresh_header()
             self._start_timer()
             return
         if isinstance(event, RunFinished):
-            self._finish(event.result)
+            self._finish()
             return
-        row = self.rows.get(getattr(event, "step", ""))
         if row is None:
             return
-        before = row.status
-        if isinstance(event, StepStarted):
-            row.status, row.retrying, row.attempt = StepStatus.RUNNING, False, event.attempt
-            row.cells_done, row.cells_total = 0, event.total_cells
-            row.started_at, row.duration_s, row.notebook, row.error = event.started_at, None, None, None
-            row.note = ""
-        elif isinstance(event, CellStarted):
-            row.cells_total, row.note = event.total, f"running cell {event.cell}"
-        elif isinstance(event, CellFinished):
-            # a cell that raised did not complete: the bar stops before it
-            row.cells_done, row.cells_total = event.index if event.ok else event.index - 1, event.total
-        elif isinstance(event, StepSucceeded):
-            row.status, row.attempt, row.duration_s = StepStatus.SUCCEEDED, event.attempt, event.duration_s
-            row.notebook, row.cells_done, row.note = event.notebook, row.cells_total, ""
-        elif isinstance(event, StepFailed):
-            row.attempt, row.notebook = event.attempt, event.notebook
-            if event.will_retry:
-                row.retrying = True
-                row.note = (f"attempt {event.attempt} failed ({event.error.summary()}); "
-                            f"retry in {event.retry_in_s:g} s")
-            else:
-                row.status, row.duration_s, row.error, row.note = StepStatus.FAILED, event.duration_s, event.error, ""
-        elif isinstance(event, StepCancelled):
-            row.status, row.note = StepStatus.CANCELLED, ""
-            if event.attempt:
-                row.attempt, row.duration_s, row.notebook = event.attempt, event.duration_s, event.notebook
-        elif isinstance(event, StepSkipped):
-            row.status, row.reasons = StepStatus.SKIPPED, event.reasons
-            row.note = "; ".join(event.reasons)
-        elif isinstance(event, StepNotRun):
-            row.status = StepStatus.NOT_RUN
-            row.note = ("not run: --fail-fast" if event.because == "--fail-fast"
-                        else f"{event.because} did not succeed")
         now = time.time()
         self._refresh_row(row, now)
-        if row.status != before or isinstance(event, (StepStarted, StepFailed)):
+        if row.status != before.get(row.name) or isinstance(event, (StepStarted, StepFailed)):
             self._refresh_header()
             self._refresh_graph()
         else:
             self._set(self.totals, "value", self._totals_html(now))  # the run's elapsed time with the row's
 
-    def _finish(self, result: RunResult) -> None:
-        self.result = result
-        self.run_status = result.status
-        self.started_at, self.finished_at = result.started_at, result.finished_at
+    def _finish(self) -> None:
         self._ticking.clear()
         self._stop_ticking.set()
-        for name, final in result.steps.items():
-            row = self.rows.get(name)
-            if row is None:
-                continue
-            row.status, row.retrying = final.status, False
-            if final.attempts:
-                row.attempt = final.attempts
-            if final.duration_s is not None:
-                row.duration_s = final.duration_s
-            elif row.status in (StepStatus.CANCELLED, StepStatus.FAILED) and row.started_at is not None:
-                row.duration_s = max(0.0, result.finished_at - row.started_at)
-            row.notebook = final.notebook or row.notebook
-            row.error = final.error if final.status == StepStatus.FAILED else row.error
         self.cancel_button.layout.display = "none"
         self._refresh_all()
         if self._handle is not None:
@@ -279,7 +188,8 @@ class RunWidget:
                 now = time.time()
                 for row in self.rows.values():
                     if row.status == StepStatus.RUNNING and row.duration_s is None:
-                        self._set(self.row_widgets[row.name].elapsed, "value", _cell(_duration(row.elapsed(now))))
+                        self._set(self.row_widgets[row.name].elapsed, "value",
+                                  _cell(format_duration(row.elapsed(now))))
                 self._set(self.totals, "value", self._totals_html(now))
 
     # -- building and refreshing the widgets -----------------------------------------
@@ -359,7 +269,7 @@ class RunWidget:
 
     def _refresh_header(self) -> None:
         now = time.time()
-        status = _pill(*RUN_STYLES[self.run_status]) if self.started_at else _pill(*STYLES[StepStatus.PENDING])
+        status = _pill(RUN_STYLES[self.view.status] if self.view.started_at else STATE_STYLES[StepStatus.PENDING])
         where = os.path.relpath(self.root, self.cwd) if _is_below(self.root, self.cwd) else str(self.root)
         run = f' · run <span style="font-family:{MONO}">{html.escape(self.run_id)}</span>' if self.run_id else ""
         self._set(self.title, "value",
@@ -374,30 +284,25 @@ class RunWidget:
             self.cancel_button.disabled = True
 
     def _totals_html(self, now: float) -> str:
-        counts = {s: 0 for s in TOTALS_ORDER}
-        for row in self.rows.values():
-            counts[row.status] += 1
-        parts = [f'<span style="color:{STYLES[s][2]};font-weight:600">{n}</span> {STYLES[s][1]}'
-                 for s, n in counts.items() if n]
-        elapsed = ""
-        if self.started_at is not None:
-            end = self.finished_at if self.finished_at is not None else now
-            elapsed = f' <span style="color:{MUTED}">· {_duration(end - self.started_at)}</span>'
-        return " · ".join(parts) + elapsed
+        parts = [f'<span style="color:{STATE_STYLES[s].colour};font-weight:600">{n}</span> {STATE_STYLES[s].word}'
+                 for s, n in self.view.counts().items()]
+        elapsed = self.view.elapsed(now)
+        since = f' <span style="color:{MUTED}">· {format_duration(elapsed)}</span>' if elapsed is not None else ""
+        return " · ".join(parts) + since
 
-    def _refresh_row(self, row: StepRow, now: float) -> None:
+    def _refresh_row(self, row: StepView, now: float) -> None:
         parts = self.row_widgets[row.name]
         self._set(parts.state, "value", self._state_html(row))
         bar = parts.progress
-        ran = row.attempt > 0
+        ran = row.started
         for column in (bar, parts.cells, parts.elapsed, parts.attempts, parts.notebook):
             # a step that has not started has nothing in these: its note ("fresh", why not run) follows the state
             self._set(column.layout, "display", "" if ran else "none")
         self._set(bar, "max", max(row.cells_total, 1))
         self._set(bar, "value", bar.max if row.status == StepStatus.SUCCEEDED else min(row.cells_done, bar.max))
         self._set(bar, "bar_style", "danger" if row.retrying else BAR_STYLES.get(row.status, ""))
-        self._set(parts.cells, "value", _cell(f"{row.cells_done}/{row.cells_total}" if ran else ""))
-        self._set(parts.elapsed, "value", _cell(_duration(row.elapsed(now))))
+        self._set(parts.cells, "value", _cell(row.cells))
+        self._set(parts.elapsed, "value", _cell(format_duration(row.elapsed(now))))
         attempts = (f"{row.attempt} of {row.max_attempts}" if row.max_attempts > 1 else str(row.attempt)) if ran else ""
         self._set(parts.attempts, "value", _cell(attempts))
         self._set(parts.notebook, "value", self._link_html(row))
@@ -407,19 +312,15 @@ class RunWidget:
         self._set(parts.error, "value", self._error_html(row) if row.error else "")
         self._set(parts.error.layout, "display", "" if row.error else "none")
 
-    def _state_html(self, row: StepRow) -> str:
-        icon, label, colour = STYLES[row.status]
-        if row.retrying:
-            label = "retrying"
-        why = "; ".join(row.reasons)
-        return _pill(icon, label, colour, title=why)
+    def _state_html(self, row: StepView) -> str:
+        return _pill(row.style, title="; ".join(row.reasons))
 
     def href(self, notebook: str) -> str:
         """A link to an executed notebook, relative to the calling notebook's folder (as Jupyter serves it)."""
         path = Path(os.path.relpath(self.root / notebook, self.cwd)).as_posix()
         return urllib.parse.quote(path)
 
-    def _link_html(self, row: StepRow) -> str:
+    def _link_html(self, row: StepView) -> str:
         if not row.notebook:
             return ""
         return (f'<a href="{html.escape(self.href(row.notebook))}" target="_blank" rel="noopener" '
@@ -427,7 +328,7 @@ class RunWidget:
                 f'style="color:var(--jp-content-link-color, #1976d2);text-decoration:underline;'
                 f'font-family:{MONO}">{html.escape(Path(row.notebook).name)}</a>')
 
-    def _error_html(self, row: StepRow) -> str:
+    def _error_html(self, row: StepView) -> str:
         error = row.error
         assert error is not None
         what = html.escape(f"{error.ename}: {error.evalue}" if error.evalue else error.ename)
@@ -436,7 +337,7 @@ class RunWidget:
             line = (f': <code style="font-family:{MONO}">{html.escape(error.source_line)}</code>'
                     if error.source_line else "")
             where = f'<div style="margin-top:2px">in cell {error.cell}{line}</div>'
-        return (f'<div class="nbflow-error" style="border-left:4px solid {STYLES[StepStatus.FAILED][2]};'
+        return (f'<div class="nbflow-error" style="border-left:4px solid {STATE_STYLES[StepStatus.FAILED].colour};'
                 f'background:rgba(198,40,40,0.08);padding:4px 10px;line-height:1.5;white-space:pre-wrap;'
                 f'text-align:left">'
                 f'<div style="color:{ERROR_RED};font-family:{MONO};font-weight:600">{what}</div>{where}</div>')
@@ -451,12 +352,7 @@ class RunWidget:
         return plot.html(self.graph, self._snapshot(), links)
 
     def _snapshot(self) -> RunResult:
-        if self.result is not None:
-            return self.result
-        now = time.time()
-        steps = {r.name: StepResult(r.name, r.status, r.attempt, r.elapsed(now), r.notebook, r.error, r.reasons)
-                 for r in self.rows.values()}
-        return RunResult(self.run_id or "", str(self.root), RunStatus.RUNNING, steps, self.started_at or now, now)
+        return self.view.snapshot()
 
     # -- the static twin ---------------------------------------------------------------
     def _static_html(self, now: float) -> str:
@@ -465,33 +361,32 @@ class RunWidget:
                        for t in ("step", "state", "cells", "elapsed", "attempts", "executed notebook", ""))
         body = []
         for row in self.rows.values():
-            ran = row.attempt > 0
             cells = [f'<span style="font-family:{MONO};font-weight:600">{html.escape(row.name)}</span>',
-                     self._state_html(row), f"{row.cells_done}/{row.cells_total}" if ran else "",
-                     _duration(row.elapsed(now)), str(row.attempt) if ran else "", self._link_html(row),
+                     self._state_html(row), row.cells, format_duration(row.elapsed(now)),
+                     str(row.attempt) if row.started else "", self._link_html(row),
                      html.escape(row.note)]
             body.append("<tr>" + "".join(f'<td style="{cell_style}">{c}</td>' for c in cells) + "</tr>")
             if row.error:
                 body.append(f'<tr><td></td><td colspan="6" style="padding:0 10px 6px;text-align:left">'
                             f"{self._error_html(row)}</td></tr>")
-        icon, label, colour = RUN_STYLES[self.run_status]
         title = (f'<div style="margin-bottom:4px"><b>nbflow</b> run '
                  f'<span style="font-family:{MONO}">{html.escape(self.run_id or "")}</span> &nbsp;'
-                 f"{_pill(icon, label, colour) if self.result else ''} &nbsp;{self._totals_html(now)}</div>")
+                 f"{_pill(RUN_STYLES[self.view.status]) if self.result else ''} &nbsp;{self._totals_html(now)}</div>")
         return (f'<div class="nbflow-run-static">{title}<table style="border-collapse:collapse">'
                 f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
 
     def _static_text(self) -> str:
-        status = self.run_status.value if self.result else "running"
+        status = self.view.status.value if self.result else "running"
         lines = [f"nbflow run {self.run_id or ''}: {status}"]
         for row in self.rows.values():
-            state = "retrying" if row.retrying else STYLES[row.status][1]
             error = f"  {row.error.summary()}" if row.error else ""
-            lines.append(f"  {row.name:<20} {state:<10} {_duration(row.elapsed(time.time())):>8}{error}")
+            elapsed = format_duration(row.elapsed(time.time()))
+            lines.append(f"  {row.name:<20} {row.style.word:<10} {elapsed:>8}{error}")
         return "\n".join(lines)
 
 
-def _pill(icon: str, label: str, colour: str, title: str = "") -> str:
+def _pill(style: StateStyle, title: str = "") -> str:
+    icon, label, colour = style.icon, style.word, style.colour
     tip = f' title="{html.escape(title)}"' if title else ""
     if label in OUTLINED:  # nothing happened (yet): an outline, not a filled badge
         look = f"border:1px {OUTLINED[label]} {colour};color:{colour};"
@@ -504,17 +399,6 @@ def _pill(icon: str, label: str, colour: str, title: str = "") -> str:
 
 def _cell(text: str) -> str:
     return f'<span style="font-variant-numeric:tabular-nums">{html.escape(text)}</span>' if text else ""
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _is_below(path: Path, folder: Path) -> bool:
