@@ -26,6 +26,7 @@ from .events import (Event, Listener, RunFinished, RunResult, RunStarted, RunSta
                      StepNotRun, StepResult, StepSkipped, StepStatus, StepSucceeded)
 from .executors import Executor, StepOutcome, StepTask
 from .layout import StateLayout
+from .params import jsonable
 from .plan import Plan, kernel_of
 from .state import Ledger, assess, fingerprint
 from .state import redact as _redact
@@ -113,88 +114,89 @@ class Runner:
         return result
 
     def _loop(self, planned: dict[str, Any]) -> None:
-        sorter = graphlib.TopologicalSorter({n: [u for u in self.graph.upstream[n] if u in planned] for n in planned})
-        sorter.prepare()
-        ready: list[str] = []
-        running: dict[str, StepTask] = self._running
-        retry_at: list[tuple[float, str, StepTask]] = []
-        failed_any = False
+        self._planned = planned
+        self._sorter = graphlib.TopologicalSorter(
+            {n: [u for u in self.graph.upstream[n] if u in planned] for n in planned})
+        self._sorter.prepare()
+        self._retry_at: list[tuple[float, str, StepTask]] = []
+        self._failed_any = False
         self._parts: dict[str, dict] = {}
-
-        def settle(name: str, result: StepResult) -> None:
-            self.results[name] = result
-            sorter.done(name)
-
-        while sorter.is_active() or running or retry_at:
-            ready += sorted(sorter.get_ready())
-            # steps that can be decided without running
-            still: list[str] = []
-            for name in ready:
-                bad = [u for u in self.graph.upstream[name]
-                       if u in self.results and self.results[u].status in
-                       (StepStatus.FAILED, StepStatus.NOT_RUN, StepStatus.CANCELLED)]
-                if self.cancelled:
+        ready: list[str] = []
+        while self._sorter.is_active() or self._running or self._retry_at:
+            ready = self._decide_without_running(ready)  # waiting for a free slot: a cancel or --fail-fast stops them
+            ready += self._still_stale(self._decide_without_running(sorted(self._sorter.get_ready())))
+            if self.cancelled and (ready or self._retry_at):
+                for name in ready + [n for _, n, _ in self._retry_at]:
                     self.emit(StepCancelled(name, 0, 0.0, None))
-                    settle(name, replace(self.results[name], status=StepStatus.CANCELLED))
-                elif bad:
-                    self.emit(StepNotRun(name, bad[0]))
-                    settle(name, replace(self.results[name], status=StepStatus.NOT_RUN))
-                elif self.fail_fast and failed_any:
-                    self.emit(StepNotRun(name, "--fail-fast"))
-                    settle(name, replace(self.results[name], status=StepStatus.NOT_RUN))
-                elif planned[name].action == "skip":
-                    self.emit(StepSkipped(name, planned[name].reasons))
-                    settle(name, replace(self.results[name], status=StepStatus.SKIPPED))
-                else:
-                    still.append(name)
-            ready = []
-            for name in still:
+                    self._settle(name, replace(self.results[name], status=StepStatus.CANCELLED))
+                ready, self._retry_at = [], []
+                continue
+            while ready and len(self._running) < self.jobs:
+                self._submit(self._task(ready.pop(0), attempt=1))
+            self._prestart(ready)
+            if self._running or self._retry_at:
+                self._wait_for_news()
+
+    def _settle(self, name: str, result: StepResult) -> None:
+        self.results[name] = result
+        self._sorter.done(name)
+
+    def _decide_without_running(self, names: list[str]) -> list[str]:
+        """Settle the steps that are cancelled, not run, or planned as fresh; return the others."""
+        blocking = (StepStatus.FAILED, StepStatus.NOT_RUN, StepStatus.CANCELLED)
+        to_run: list[str] = []
+        for name in names:
+            bad = [u for u in self.graph.upstream[name] if u in self.results and self.results[u].status in blocking]
+            if self.cancelled:
+                self.emit(StepCancelled(name, 0, 0.0, None))
+                self._settle(name, replace(self.results[name], status=StepStatus.CANCELLED))
+            elif bad or (self.fail_fast and self._failed_any):
+                self.emit(StepNotRun(name, bad[0] if bad else "--fail-fast"))
+                self._settle(name, replace(self.results[name], status=StepStatus.NOT_RUN))
+            elif self._planned[name].action == "skip":
+                self.emit(StepSkipped(name, self._planned[name].reasons))
+                self._settle(name, replace(self.results[name], status=StepStatus.SKIPPED))
+            else:
+                to_run.append(name)
+        return to_run
+
+    def _still_stale(self, names: list[str]) -> list[str]:
+        """Assess again now that the upstream ran: a step whose inputs came out byte-identical is skipped."""
+        stale: list[str] = []
+        for name in names:
+            fresh = assess(self.graph, name, self.plan.parameters[name], self.ledger, (),
+                           kernel_of(self.graph, name))
+            if not self.plan.force and fresh.fresh:
                 reran = tuple(u for u in self.graph.upstream[name]
                               if u in self.results and self.results[u].status == StepStatus.SUCCEEDED)
-                fresh = assess(self.graph, name, self.plan.parameters[name], self.ledger, (),
-                               kernel_of(self.graph, name))
-                if not self.plan.force and fresh.fresh:
-                    reasons = (f"upstream {', '.join(reran)} reran, inputs unchanged",) if reran else ("fresh",)
-                    self.emit(StepSkipped(name, reasons))
-                    settle(name, replace(self.results[name], status=StepStatus.SKIPPED, reasons=reasons))
-                    continue
-                self._parts[name] = fresh.parts
-                ready.append(name)
-            if self.cancelled and (ready or retry_at):
-                for name in ready + [n for _, n, _ in retry_at]:
-                    self.emit(StepCancelled(name, 0, 0.0, None))
-                    settle(name, replace(self.results[name], status=StepStatus.CANCELLED))
-                ready, retry_at = [], []
+                reasons = (f"upstream {', '.join(reran)} reran, inputs unchanged",) if reran else ("fresh",)
+                self.emit(StepSkipped(name, reasons))
+                self._settle(name, replace(self.results[name], status=StepStatus.SKIPPED, reasons=reasons))
                 continue
-            while ready and len(running) < self.jobs:
-                name = ready.pop(0)
-                task = self._task(name, attempt=1)
-                running[name] = task
-                self._submit(task)
-            self._prestart(running, ready)
-            if not running and not retry_at:
-                continue  # nothing to wait for: the while condition decides whether more is to do
-            timeout = None
-            if retry_at:
-                timeout = max(0.0, retry_at[0][0] - time.time())
-            try:
-                kind, payload = self._inbox.get(timeout=timeout)
-            except queue.Empty:
-                kind, payload = "tick", None
-            if kind == "event":
-                self.emit(payload)
-            elif kind == "done":
-                outcome: StepOutcome = payload
-                task = running.pop(outcome.step)
-                failed_any |= self._finish(outcome, task, retry_at, settle)
-            while retry_at and retry_at[0][0] <= time.time() and len(running) < self.jobs:
-                _, name, task = heapq.heappop(retry_at)
-                if self.cancelled:
-                    continue
-                running[name] = task
+            self._parts[name] = fresh.parts
+            stale.append(name)
+        return stale
+
+    def _wait_for_news(self) -> None:
+        """Wait for an event or a finished step (or the next retry's time), and handle it."""
+        timeout = max(0.0, self._retry_at[0][0] - time.time()) if self._retry_at else None
+        try:
+            kind, payload = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            kind, payload = "tick", None
+        if kind == "event":
+            self.emit(payload)
+        elif kind == "done":
+            outcome: StepOutcome = payload
+            task = self._running.pop(outcome.step)
+            self._failed_any |= self._finish(outcome, task)
+        while self._retry_at and self._retry_at[0][0] <= time.time() and len(self._running) < self.jobs:
+            _, name, task = heapq.heappop(self._retry_at)
+            if not self.cancelled:
                 self._submit(task)
 
-    def _finish(self, outcome: StepOutcome, task: StepTask, retry_at: list, settle) -> bool:
+    def _finish(self, outcome: StepOutcome, task: StepTask) -> bool:
+        """Record how an attempt ended: success, cancel, a retry to schedule, or a failure. True for a failure."""
         name = outcome.step
         prev = self.results[name]
         if outcome.status == StepStatus.SUCCEEDED:
@@ -202,14 +204,14 @@ class Runner:
             outputs = self.ledger.file_records(self.graph.outputs_of(name))
             parts = self._parts[name]
             self.emit(StepSucceeded(name, outcome.attempt, outcome.duration_s, outcome.notebook or "",
-                                    fingerprint(parts), parts, _jsonable(self.plan.parameters[name]),
+                                    fingerprint(parts), parts, jsonable(self.plan.parameters[name]),
                                     inputs, outputs, outcome.started_at))
-            settle(name, StepResult(name, StepStatus.SUCCEEDED, outcome.attempt, outcome.duration_s,
+            self._settle(name, StepResult(name, StepStatus.SUCCEEDED, outcome.attempt, outcome.duration_s,
                                     outcome.notebook, None, prev.reasons))
             return False
         if outcome.status == StepStatus.CANCELLED:
             self.emit(StepCancelled(name, outcome.attempt, outcome.duration_s, outcome.notebook, outcome.started_at))
-            settle(name, StepResult(name, StepStatus.CANCELLED, outcome.attempt, outcome.duration_s,
+            self._settle(name, StepResult(name, StepStatus.CANCELLED, outcome.attempt, outcome.duration_s,
                                     outcome.notebook, outcome.error, prev.reasons))
             return False
         settings = self.graph.config.for_step(name)
@@ -218,17 +220,18 @@ class Runner:
                       and outcome.error.kind not in ("kernel_start",))
         delay = settings.retry_delay * (2 ** (outcome.attempt - 1)) if will_retry else 0.0
         self.emit(StepFailed(name, outcome.attempt, outcome.duration_s, outcome.notebook, outcome.error,
-                             will_retry, delay, _jsonable(self.plan.parameters[name]), outcome.started_at))
+                             will_retry, delay, jsonable(self.plan.parameters[name]), outcome.started_at))
         if will_retry:
-            heapq.heappush(retry_at, (time.time() + delay, name, self._task(name, outcome.attempt + 1)))
+            heapq.heappush(self._retry_at, (time.time() + delay, name, self._task(name, outcome.attempt + 1)))
             self.results[name] = replace(prev, status=StepStatus.RUNNING, attempts=outcome.attempt,
                                          error=outcome.error)
             return False
-        settle(name, StepResult(name, StepStatus.FAILED, outcome.attempt, outcome.duration_s, outcome.notebook,
+        self._settle(name, StepResult(name, StepStatus.FAILED, outcome.attempt, outcome.duration_s, outcome.notebook,
                                 outcome.error, prev.reasons))
         return True
 
     def _submit(self, task: StepTask) -> None:
+        self._running[task.step] = task
         self.results[task.step] = replace(self.results[task.step], status=StepStatus.RUNNING, attempts=task.attempt)
 
         def emit(event: Event) -> None:
@@ -248,8 +251,9 @@ class Runner:
 
         future.add_done_callback(done)
 
-    def _prestart(self, running: dict[str, StepTask], ready: list[str]) -> None:
+    def _prestart(self, ready: list[str]) -> None:
         """Ask for kernels for steps that will be ready once what runs now finishes."""
+        running = self._running
         soon = [n for n in self.plan.to_run
                 if self.results[n].status == StepStatus.PENDING and n not in ready
                 and all(u in running or self.results.get(u, StepResult(u, StepStatus.SUCCEEDED)).status
@@ -306,8 +310,3 @@ class Runner:
             self.emit(event)
         except StateError:
             pass  # the ledger cannot be written: the next run records this one as interrupted
-
-
-def _jsonable(parameters: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else repr(v))
-            for k, v in parameters.items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .notebook import INJECTED_TAG, cell_source
+from .params import jsonable
 
 ERROR_MARKER_TAG = "papermill-error-cell-tag"  # papermill's, so its tools strip our banner too
 ERROR_STYLE = 'style="color:red; font-family:Helvetica Neue, Helvetica, Arial, sans-serif; font-size:2em;"'
@@ -71,7 +72,7 @@ def prepare(nb: dict, parameters: dict[str, Any], *, parameters_cell: int, kerne
     nb["cells"] = cells
     meta = nb.setdefault("metadata", {})
     meta["papermill"] = {
-        "default_parameters": {}, "parameters": {k: _jsonable(v) for k, v in parameters.items()},
+        "default_parameters": {}, "parameters": {k: jsonable(v) for k, v in parameters.items()},
         "environment_variables": {}, "version": PAPERMILL_COMPAT_VERSION, "engine": "nbflow",
         "input_path": input_path, "output_path": output_path,
         "start_time": _iso(time.time()), "end_time": None, "duration": None, "exception": None}
@@ -116,7 +117,7 @@ def finish(nb: dict, started: float, *, failed_cell: int | None, banner: str | N
 def write_atomic(nb: dict, path: Path) -> None:
     """Write the notebook so that readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(nb, indent=1, ensure_ascii=False, default=_jsonable) + "\n"
+    data = json.dumps(nb, indent=1, ensure_ascii=False, default=jsonable) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -159,16 +160,6 @@ def _iso(t: float) -> str:
     from datetime import datetime, timezone  # noqa: PLC0415
 
     return datetime.fromtimestamp(t, timezone.utc).isoformat()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
 
 
 def _escape(text: str) -> str:

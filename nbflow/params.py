@@ -171,3 +171,15 @@ def coerce(value: Any, parameter: Parameter, *, secret: bool = False) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def jsonable(value: Any) -> Any:
+    """A value as JSON can hold it: containers become lists and dicts, anything else its repr
+    (a secret or a published value: the code that reads it, never the value)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    return repr(value)
