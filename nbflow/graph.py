@@ -140,6 +140,8 @@ def build_graph(root: str | os.PathLike, config: Config | None = None,
     steps, not_steps = _read_steps(root, config, problems)
     producers, value_producers = _producers(root, steps, problems)
     upstream, produced = _edges(root, steps, producers, value_producers, problems)
+    problems += [lost_step_problem(nb, f"step {reader!r} reads {relative_to(path, root)}, which it writes")
+                 for nb, reader, path in _read_from_not_steps(steps, not_steps)]
     _check_config(config, steps, problems)
     order: tuple[str, ...] = tuple(sorted(steps))
     sorter = graphlib.TopologicalSorter({n: upstream.get(n, ()) for n in sorted(steps)})
@@ -233,6 +235,29 @@ def _edges(root: Path, steps: dict[str, Step], producers: dict[Path, str], value
                     f"{did_you_mean(value, value_producers)}", file=step.rel_path, step=name))
         upstream[name] = tuple(sorted(ups))
     return upstream, produced
+
+
+def _read_from_not_steps(steps: dict[str, Step], not_steps: list[NotAStep]) -> list[tuple[NotAStep, str, Path]]:
+    """Notebooks that are not steps but declare outputs a step reads: (notebook, reader, path)."""
+    found = []
+    for nb in not_steps:
+        for _, out in nb.output_paths():
+            reader = next((name for name, step in steps.items() for label, path in step.input_paths()
+                           if path == out or out in path.parents or (is_folder_path(label) and path in out.parents)),
+                          None)
+            if reader is not None:
+                found.append((nb, reader, out))
+                break
+    return found
+
+
+def lost_step_problem(nb: NotAStep, why: str) -> Problem:
+    """A notebook that must be a step but has no `parameters` cell: the run would use stale data silently."""
+    cell = f"cell {nb.declaring_cell}" if nb.declaring_cell else "its parameters cell"
+    return Problem(
+        f"has no cell tagged 'parameters', so it is not a step, but {why}; restore the tag on {cell} (in Jupyter: "
+        f"select the cell, open the property inspector (gear icon), add the tag parameters), or leave it out "
+        f"of the pipeline with `exclude: [\"{nb.rel_path}\"]` in nbflow.yaml", file=nb.rel_path, step=nb.name)
 
 
 def is_folder_path(declared: str) -> bool:

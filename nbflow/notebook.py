@@ -77,6 +77,12 @@ class NotAStep:
     path: Path
     rel_path: str
     reason: str
+    # an untagged code cell that still declares `outputs` (a lost `parameters` tag?): its number and the paths
+    declaring_cell: int | None = None
+    outputs: tuple[str, ...] = ()
+
+    def output_paths(self) -> list[tuple[str, Path]]:
+        return [(p, Path(os.path.normpath(self.path.parent / p))) for p in self.outputs]
 
 
 def step_name(path: Path, root: Path) -> str:
@@ -98,7 +104,7 @@ def read_step(path: Path, root: Path) -> Step | NotAStep:
     cells = nb["cells"]
     tagged = [i for i, c in enumerate(cells) if PARAMETERS_TAG in _tags(c)]
     if not tagged:
-        return NotAStep(name, path, rel, "no cell tagged 'parameters'")
+        return NotAStep(name, path, rel, "no cell tagged 'parameters'", *_untagged_declarations(cells))
     if len(tagged) > 1:
         numbers = " and ".join(str(i + 1) for i in tagged[:2])
         raise PipelineError(Problem(
@@ -133,6 +139,28 @@ def read_step(path: Path, root: Path) -> Step | NotAStep:
         cell_hashes=hashes,
         declaration_lines=decl.lines,
     )
+
+
+def _untagged_declarations(cells: list[dict]) -> tuple[int | None, tuple[str, ...]]:
+    """The first code cell that assigns a literal `outputs` although no cell is tagged: (its number, paths)."""
+    for i, cell in enumerate(cells):
+        if cell.get("cell_type") != "code" or "outputs" not in cell_source(cell):
+            continue
+        try:
+            tree = ast.parse(cell_source(cell))
+        except (SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id == "outputs"):
+                try:
+                    value = ast.literal_eval(node.value)
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                    continue
+                paths = _path_mapping("outputs", value, lambda message: None)
+                if paths:
+                    return i + 1, tuple(p for group in paths.values() for p in group)
+    return None, ()
 
 
 def load_notebook_json(path: Path, rel: str | None = None) -> dict | str:

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .errors import PipelineError, Problem
+from .errors import PipelineError, Problem, did_you_mean
 from .events import PlannedStep
-from .graph import Graph, resolve_parameters, secret_environment, select_steps
-from .state import Ledger, assess
+from .graph import Graph, lost_step_problem, resolve_parameters, secret_environment, select_steps
+from .state import Ledger, assess, recorded_steps
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Plan:
 def make_plan(graph: Graph, ledger: Ledger, names: Iterable[str] = (), overrides: Mapping[str, Any] | None = None,
               *, force: bool = False) -> Plan:
     """Decide for each selected step whether it runs; raises PipelineError (exit 2) for what can't run."""
-    problems: list[Problem] = []
+    problems: list[Problem] = lost_steps(graph, ledger)
     selected: list[str] = []
     parameters: dict[str, dict[str, Any]] = {}
     try:
@@ -74,6 +74,15 @@ def make_plan(graph: Graph, ledger: Ledger, names: Iterable[str] = (), overrides
     return plan
 
 
+def lost_steps(graph: Graph, ledger: Ledger) -> list[Problem]:
+    """Notebooks that ran as steps before but have no `parameters` cell now (a lost tag)."""
+    if not graph.not_steps:
+        return []
+    seen = recorded_steps(ledger)
+    return [lost_step_problem(nb, f"it ran as step {nb.name!r} in run {seen[nb.name]}")
+            for nb in graph.not_steps if nb.name in seen]
+
+
 def kernel_of(graph: Graph, name: str) -> str:
     return graph.config.for_step(name).kernel or graph.steps[name].kernel
 
@@ -81,26 +90,45 @@ def kernel_of(graph: Graph, name: str) -> str:
 def check_runnable(plan: Plan) -> None:
     """Source inputs exist and kernels are installed, for every step that will run."""
     graph = plan.graph
-    problems: list[Problem] = []
     to_run = plan.to_run
-    for name in to_run:
+    problems = missing_inputs(graph, to_run) + missing_kernels(graph, to_run)
+    if problems:
+        raise PipelineError(problems)
+
+
+def missing_inputs(graph: Graph, names: Iterable[str]) -> list[Problem]:
+    """Source inputs of these steps that do not exist, with a did-you-mean among the paths steps write."""
+    problems = []
+    for name in names:
+        step = graph.steps[name]
+        written = [os.path.relpath(ref.path, step.folder) for s in graph.steps for ref in graph.outputs_of(s)
+                   if not ref.label.startswith("value ")]
         for ref in graph.source_inputs(name):
             if not os.path.exists(ref.path):
                 problems.append(Problem(
-                    f"step {name!r} reads {ref.label}, which does not exist and no step writes it; "
-                    "create the file or fix the path in `inputs` (paths are relative to the notebook's folder)",
-                    file=graph.steps[name].rel_path, line=graph.steps[name].declaration_lines.get("inputs"),
-                    step=name))
-    kernels = {kernel_of(graph, n) for n in to_run}
-    if kernels:
-        from .kernels import installed_kernels  # noqa: PLC0415 - only when something runs
+                    f"step {name!r} reads {ref.label}, which does not exist and no step writes it"
+                    f"{did_you_mean(ref.label, written)}; create the file or fix the path in `inputs` (paths are "
+                    "relative to the notebook's folder)",
+                    file=step.rel_path, line=step.declaration_lines.get("inputs"), step=name))
+    return problems
 
-        installed = installed_kernels()
-        for kernel in sorted(kernels - set(installed)):
-            users = [n for n in to_run if kernel_of(graph, n) == kernel]
-            problems.append(Problem(
-                f"kernel {kernel!r} is not installed (needed by {', '.join(users)}); installed kernels: "
-                f"{', '.join(installed) or 'none'}; install it (e.g. `python -m ipykernel install --user "
-                f"--name {kernel}`) or change the notebook's kernel", file=graph.steps[users[0]].rel_path))
-    if problems:
-        raise PipelineError(problems)
+
+def missing_kernels(graph: Graph, names: Iterable[str]) -> list[Problem]:
+    """Kernels these steps need that are not installed, each with the fixes."""
+    names = list(names)
+    kernels = {kernel_of(graph, n) for n in names}
+    if not kernels:
+        return []
+    from .kernels import installed_kernels  # noqa: PLC0415 - only when something runs
+
+    installed = installed_kernels()
+    problems = []
+    for kernel in sorted(kernels - set(installed)):
+        users = [n for n in names if kernel_of(graph, n) == kernel]
+        other = "python3" if "python3" in installed else (installed[0] if installed else "python3")
+        problems.append(Problem(
+            f"kernel {kernel!r} is not installed (needed by {', '.join(users)}); installed kernels: "
+            f"{', '.join(installed) or 'none'}; run the steps on an installed kernel with the line "
+            f"`defaults: {{kernel: {other}}}` in nbflow.yaml, or install {kernel!r} (e.g. `python -m ipykernel "
+            f"install --user --name {kernel}`)", file=graph.steps[users[0]].rel_path, step=users[0]))
+    return problems

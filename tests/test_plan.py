@@ -50,3 +50,67 @@ def test_missing_input_of_a_fresh_step_is_not_an_error(fixture_pipeline):
     assert nbflow.run(root, ["b"], display=False).ok
     plan = plan_for(root, "b")
     assert plan.to_run == []
+
+
+def _untag(notebook):
+    import json
+
+    nb = json.loads(notebook.read_text())
+    for cell in nb["cells"]:
+        cell["metadata"].pop("tags", None)
+    notebook.write_text(json.dumps(nb))
+
+
+def test_a_notebook_whose_outputs_a_step_reads_must_stay_a_step(tmp_path, notebook_factory):
+    """A lost `parameters` tag must not turn a step's output into silently stale 'source data'."""
+    writer = notebook_factory(tmp_path / "clean.ipynb", 'outputs = {"c": "clean.csv"}',
+                              "open(outputs['c'], 'w').write('x')")
+    notebook_factory(tmp_path / "report.ipynb", 'inputs = {"c": "clean.csv"}', "pass")
+    _untag(writer)
+    (tmp_path / "clean.csv").write_text("old")  # would otherwise pass for source data
+    with pytest.raises(PipelineError) as err:
+        build_graph(tmp_path)
+    assert str(err.value) == (
+        "clean.ipynb: has no cell tagged 'parameters', so it is not a step, but step 'report' reads clean.csv, "
+        "which it writes; restore the tag on cell 1 (in Jupyter: select the cell, open the property inspector "
+        "(gear icon), add the tag parameters), or leave it out of the pipeline with `exclude: [\"clean.ipynb\"]` "
+        "in nbflow.yaml")
+    (tmp_path / "nbflow.yaml").write_text('exclude: ["clean.ipynb"]\n')
+    assert list(build_graph(tmp_path).steps) == ["report"]  # excluding it is the other fix
+
+
+def test_a_notebook_that_ran_as_a_step_before_must_stay_one(tmp_path, notebook_factory):
+    a = notebook_factory(tmp_path / "a.ipynb", 'outputs = {}\nn = 1', "x = n")
+    notebook_factory(tmp_path / "b.ipynb", 'outputs = {}', "pass")
+    assert nbflow.run(tmp_path, display=False).ok
+    run_id = nbflow.history(tmp_path)["run_id"][0]
+    _untag(a)
+    with pytest.raises(PipelineError, match=rf"a.ipynb: has no cell tagged 'parameters', so it is not a step, but "
+                                            rf"it ran as step 'a' in run {run_id}; restore the tag"):
+        nbflow.run(tmp_path, display=False)
+
+
+def test_a_missing_kernel_names_the_one_line_fix(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "r.ipynb", 'outputs = {}', "x = 1", kernel="no-such-kernel")
+    with pytest.raises(PipelineError) as err:
+        plan_for(tmp_path)
+    message = str(err.value)
+    assert "kernel 'no-such-kernel' is not installed (needed by r)" in message
+    assert "`defaults: {kernel: python3}` in nbflow.yaml" in message
+    (tmp_path / "nbflow.yaml").write_text("defaults: {kernel: python3}\n")
+    assert plan_for(tmp_path).to_run == ["r"]
+
+
+def test_a_missing_input_suggests_the_path_a_step_writes(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "etl" / "clean.ipynb", 'outputs = {"c": "../data/clean.parquet"}', "pass")
+    notebook_factory(tmp_path / "model.ipynb", 'inputs = {"c": "data/cleaned.parquet"}', "pass")
+    with pytest.raises(PipelineError, match=r"step 'model' reads data/cleaned.parquet, which does not exist and no "
+                                            r"step writes it \(did you mean 'data/clean.parquet'\?\)"):
+        plan_for(tmp_path)
+
+
+def test_a_step_that_never_succeeded_says_how_its_last_run_ended(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "boom.ipynb", 'outputs = {}', "1 / 0")
+    result = nbflow.run(tmp_path, display=False)
+    assert not result.ok
+    assert plan_for(tmp_path).steps[0].reasons == (f"last run failed ({result.run_id})",)
