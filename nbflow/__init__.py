@@ -12,23 +12,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
-    "run", "Pipeline", "history", "glue", "load_value", "RunHandle",
-    "NbflowError", "PipelineError", "StepFailed", "StepStatus", "RunStatus", "RunResult",
+    "run", "Pipeline", "history", "clean", "repair", "glue", "load_value", "RunHandle",
+    "NbflowError", "PipelineError", "StepFailed", "LedgerDamaged", "StepStatus", "RunStatus", "RunResult",
 ]
 
 _LAZY = {
-    "run": "api", "Pipeline": "api", "history": "api", "RunHandle": "api",
+    "run": "api", "Pipeline": "api", "history": "api", "clean": "api", "repair": "api", "RunHandle": "api",
     "glue": "values", "load_value": "values",
-    "NbflowError": "errors", "PipelineError": "errors", "StepFailed": "errors",
+    "NbflowError": "errors", "PipelineError": "errors", "StepFailed": "errors", "LedgerDamaged": "errors",
     "StepStatus": "events", "RunStatus": "events", "RunResult": "events",
 }
 
 if TYPE_CHECKING:
-    from .api import Pipeline, RunHandle, history, run
-    from .errors import NbflowError, PipelineError, StepFailed
+    from .api import Pipeline, RunHandle, clean, history, repair, run
+    from .errors import LedgerDamaged, NbflowError, PipelineError, StepFailed
     from .events import RunResult, RunStatus, StepStatus
     from .values import glue, load_value
 
