@@ -8,6 +8,7 @@ the notebooks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,21 @@ _TOP_KEYS: dict[str, tuple[type, ...]] = {
 }
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping", bool: "true or false", type(None): "null"}
+
+
+def _bound_broken(key: str, value: Any) -> str | None:
+    """What a number of the right type must be, when it is out of bounds (None when it is fine)."""
+    if value is None:
+        return None
+    if key == "jobs" and not value >= 1:
+        return "at least 1"
+    if key == "retries" and not value >= 0:
+        return "at least 0"
+    if key == "retry_delay" and not 0 <= value < math.inf:  # `not`: NaN is out of bounds too
+        return f"a number of seconds, at least 0, not {value!r}"
+    if key in ("timeout", "cell_timeout") and not value > 0:
+        return f"more than 0 seconds, or null for no limit, not {value!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -135,9 +151,9 @@ def load_config(folder: Path) -> Config:
                 problems.append(Problem(
                     f"{dotted!r} must be {wanted}, not {value!r}", file=rel, line=line_of(*prefix, str(key))))
                 continue
-            if key in ("retries", "jobs") and isinstance(value, int) and value < (1 if key == "jobs" else 0):
-                problems.append(Problem(f"{dotted!r} must be at least {1 if key == 'jobs' else 0}",
-                                        file=rel, line=line_of(*prefix, str(key))))
+            bound = _bound_broken(key, value)
+            if bound:
+                problems.append(Problem(f"{dotted!r} must be {bound}", file=rel, line=line_of(*prefix, str(key))))
                 continue
             good[key] = value
         return good

@@ -46,3 +46,30 @@ def test_all_errors_reported_together(tmp_path):
     with pytest.raises(PipelineError) as err:
         load_config(tmp_path)
     assert len(err.value.problems) == 3
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("defaults:\n  timeout: -5\n", "nbflow.yaml:2: 'defaults.timeout' must be more than 0 seconds, or null for no "
+                                   "limit, not -5"),
+    ("steps:\n  a:\n    timeout: 0\n", "nbflow.yaml:3: 'steps.a.timeout' must be more than 0 seconds"),
+    ("steps:\n  a:\n    cell_timeout: -0.5\n", "nbflow.yaml:3: 'steps.a.cell_timeout' must be more than 0 seconds, "
+                                               "or null for no limit, not -0.5"),
+    ("defaults:\n  cell_timeout: .nan\n", "nbflow.yaml:2: 'defaults.cell_timeout' must be more than 0 seconds"),
+    ("defaults:\n  retry_delay: -1\n", "nbflow.yaml:2: 'defaults.retry_delay' must be a number of seconds, at least 0, "
+                                       "not -1"),
+    ("steps:\n  a:\n    retry_delay: .inf\n", "nbflow.yaml:3: 'steps.a.retry_delay' must be a number of seconds"),
+    ("steps:\n  a:\n    retries: -1\n", "nbflow.yaml:3: 'steps.a.retries' must be at least 0"),
+])
+def test_numbers_out_of_bounds_name_line_and_key(tmp_path, text, expected):
+    (tmp_path / "nbflow.yaml").write_text(text)
+    with pytest.raises(PipelineError) as err:
+        load_config(tmp_path)
+    assert expected in str(err.value)
+
+
+def test_bounds_allow_zero_delay_and_no_limit(tmp_path):
+    (tmp_path / "nbflow.yaml").write_text("defaults: {retry_delay: 0, timeout: null, cell_timeout: 0.5}\n"
+                                          "steps:\n  a: {timeout: 600}\n")
+    config = load_config(tmp_path)
+    assert (config.defaults.retry_delay, config.defaults.timeout, config.defaults.cell_timeout) == (0, None, 0.5)
+    assert config.for_step("a").timeout == 600
