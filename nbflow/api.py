@@ -1,28 +1,31 @@
-"""The Python API: `run`, `Pipeline`, `history`. The CLI calls exactly these.
+"""The Python API: `run`, `Pipeline`, `history`, `clean`, `repair`. The CLI calls exactly these.
 
 Owns: wiring a run together (graph, lock, ledger, plan, executor, listeners,
-Runner) and releasing everything afterwards, background runs, and the
-read-only views (status, history). Must not print: results are returned,
-progress goes to listeners.
+Runner) and releasing everything afterwards, background runs, the
+read-only views (status, history) and the upkeep of `_nbflow/` (clean,
+repair). Must not print: results are returned, progress goes to listeners.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from .errors import PipelineError, Problem
 from .events import Listener, RunResult
 from .graph import STATE_DIR, Graph, build_graph, resolve_parameters
+from .layout import StateLayout
 from .notebook import Step
 
 if TYPE_CHECKING:
     import pandas
 
     from .execute import Runner
+    from .state import Ledger
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Pipeline:
             self._graph = build_graph(self.root)
         self._read_again = True
         g = self._graph
+        _require_steps(g)
         params = resolve_parameters(g, parameters)
         ledger = Ledger(g.state_dir, create=False)
         try:
@@ -172,10 +176,8 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         steps = [steps]
     problems: list[Problem] = []
     graph = build_graph(pipeline, collect=problems)
-    if not graph.steps and not problems:
-        seen = f" ({len(graph.not_steps)} notebook(s) without one)" if graph.not_steps else ""
-        raise PipelineError(Problem(f"no steps in {graph.root}: no notebook there has a cell tagged "
-                                    f"'parameters'{seen}; check the folder, or tag each step's parameters cell"))
+    if not problems:
+        _require_steps(graph)
     if problems:  # invalid: add what planning finds, without creating or locking _nbflow/
         history = Ledger(graph.state_dir, create=False)
         try:
@@ -326,14 +328,108 @@ def history(pipeline: str | os.PathLike = ".", limit: int | None = None) -> "pan
 
 
 def runs(pipeline: str | os.PathLike = ".", limit: int | None = None) -> list[dict[str, Any]]:
+    """Past runs, newest first, as plain dicts (what `nbflow history --json` prints)."""
+    with read_ledger(pipeline) as ledger:
+        return ledger.runs(limit)
+
+
+@contextmanager
+def read_ledger(pipeline: str | os.PathLike = ".") -> Iterator["Ledger"]:
+    """The ledger of an existing pipeline folder, opened to read (empty if the pipeline never ran)."""
     from .state import Ledger  # noqa: PLC0415
 
-    state_dir = Path(pipeline).absolute() / STATE_DIR
-    ledger = Ledger(state_dir, create=False)
+    ledger = Ledger(StateLayout(_existing_folder(pipeline)).state_dir, create=False)
     try:
-        return ledger.runs(limit)
+        yield ledger
     finally:
         ledger.close()
+
+
+def clean(pipeline: str | os.PathLike = ".", keep: int = 10) -> dict[str, list[str]]:
+    """Remove the executed notebooks of all but the `keep` newest runs, earlier attempts included.
+
+    The ledger keeps the runs' records. Returns the run ids whose notebooks
+    were removed and those kept: `{"removed": [...], "kept": [...]}`.
+    """
+    import shutil  # noqa: PLC0415
+
+    from .errors import StateError  # noqa: PLC0415
+    from .state import RunLock  # noqa: PLC0415
+
+    if keep < 1:
+        raise PipelineError(Problem(f"keep must be at least 1, not {keep}: the newest run's notebooks are the "
+                                    "ones `latest/` and the report point to"))
+    layout = StateLayout(_existing_folder(pipeline))
+    if not layout.state_dir.is_dir():
+        raise PipelineError(Problem(f"{layout.root} has no {STATE_DIR}/ folder: not a pipeline that has run, "
+                                    "nothing to clean"))
+    lock = RunLock(layout.state_dir)
+    lock.acquire("clean")
+    try:
+        run_ids = sorted({p.name for p in _folders(layout.runs_dir)} | {p.name for p in _folders(layout.attempts_dir)})
+        removed, kept = run_ids[:-keep], run_ids[-keep:]
+        for run_id in removed:
+            # earlier attempts of a run: attempts/<run_id>/ (see StateLayout.attempt)
+            for folder in (layout.run_dir(run_id), layout.attempts_dir / run_id):
+                try:
+                    shutil.rmtree(folder)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise StateError(f"cannot remove {folder}: {e.strerror}; check that {layout.state_dir} is "
+                                     "writable") from None
+    finally:
+        lock.release()
+    return {"removed": removed, "kept": kept}
+
+
+def repair(pipeline: str | os.PathLike = ".") -> dict[str, Any]:
+    """Move a damaged run ledger aside, so that the next run starts a new one (and runs every step once).
+
+    Checks the ledger first (PRAGMA integrity_check) and moves nothing when it
+    is sound. Returns `{"ledger", "damage" (None when sound or absent), "moved"}`.
+    """
+    from .errors import LedgerDamaged  # noqa: PLC0415
+    from .state import Ledger, RunLock, set_ledger_aside  # noqa: PLC0415
+
+    layout = StateLayout(_existing_folder(pipeline))
+    report: dict[str, Any] = {"ledger": str(layout.ledger), "damage": None, "moved": []}
+    if not layout.ledger.exists():
+        return report
+    lock = RunLock(layout.state_dir)
+    lock.acquire("repair")
+    try:
+        try:
+            ledger = Ledger(layout.state_dir, create=False)
+            try:
+                ledger.check(thorough=True)
+            finally:
+                ledger.close()
+        except LedgerDamaged as e:
+            report["damage"] = e.detail
+            report["moved"] = [str(p) for p in set_ledger_aside(layout.state_dir)]
+    finally:
+        lock.release()
+    return report
+
+
+def _existing_folder(pipeline: str | os.PathLike) -> Path:
+    root = Path(pipeline).absolute()
+    if not root.is_dir():
+        raise PipelineError(Problem(f"pipeline folder {str(root)!r} does not exist or is not a folder"))
+    return root
+
+
+def _folders(parent: Path) -> list[Path]:
+    return [p for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+
+
+def _require_steps(graph: Graph) -> None:
+    """A folder without a step is not a pipeline: `run` and `status` both say so (exit 2)."""
+    if not graph.steps:
+        seen = f" ({len(graph.not_steps)} notebook(s) without one)" if graph.not_steps else ""
+        raise PipelineError(Problem(f"no steps in {graph.root}: no notebook there has a cell tagged "
+                                    f"'parameters'{seen}; check the folder, or tag each step's parameters cell"))
 
 
 def _in_jupyter() -> bool:

@@ -154,10 +154,9 @@ def history(pipeline: Path, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def show(pipeline: Path, run_id: str, as_json: bool) -> None:
     """One run: its steps, timings, errors and files."""
-    from .state import Ledger  # noqa: PLC0415
+    from .api import read_ledger  # noqa: PLC0415
 
-    ledger = Ledger(pipeline.absolute() / "_nbflow", create=False)
-    try:
+    with read_ledger(pipeline) as ledger:
         ids = [r["run_id"] for r in ledger.runs()]
         if run_id == "latest" and ids:
             run_id = ids[0]
@@ -168,8 +167,6 @@ def show(pipeline: Path, run_id: str, as_json: bool) -> None:
             raise CommandError(f"no run {run_id!r}{did_you_mean(run_id, ids)}; see `nbflow history {pipeline}`"
                                 if not matches else f"{run_id!r} matches {len(matches)} runs; give more of the id")
         rows = ledger.step_runs(matches[0])
-    finally:
-        ledger.close()
     if as_json:
         for r in rows:
             r.pop("error_traceback", None)
@@ -195,15 +192,13 @@ def lineage(pipeline: Path, path: Path, as_json: bool) -> None:
     """Which run and step made PATH, and from which inputs."""
     import os  # noqa: PLC0415
 
-    from .state import Ledger, sha256_file  # noqa: PLC0415
+    from .api import read_ledger  # noqa: PLC0415
+    from .state import sha256_file  # noqa: PLC0415
 
-    root = pipeline.absolute()
-    rel = Path(os.path.relpath(path.absolute(), root)).as_posix()
-    ledger = Ledger(root / "_nbflow", create=False)
-    try:
+    with read_ledger(pipeline) as ledger:
+        root = ledger.root
+        rel = Path(os.path.relpath(path.absolute(), root)).as_posix()
         info = ledger.lineage(rel)
-    finally:
-        ledger.close()
     if info is None:
         raise CommandError(f"{rel}: no successful run recorded this file as an output (source data, or never "
                            "made by a step of this pipeline)")
@@ -222,25 +217,30 @@ def lineage(pipeline: Path, path: Path, as_json: bool) -> None:
 
 @main.command()
 @PIPELINE
-@click.option("--keep", type=int, default=10, show_default=True, help="How many recent runs to keep.")
+@click.option("--keep", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many recent runs to keep.")
 def clean(pipeline: Path, keep: int) -> None:
     """Remove the executed notebooks of old runs (the ledger keeps their records)."""
-    import shutil  # noqa: PLC0415
+    from .api import clean as clean_runs  # noqa: PLC0415
 
-    from .state import RunLock, iter_runs_dir  # noqa: PLC0415
+    done = clean_runs(pipeline, keep)
+    click.echo(f"removed the notebooks of {len(done['removed'])} run(s), kept {len(done['kept'])}")
 
-    state = pipeline.absolute() / "_nbflow"
-    lock = RunLock(state)
-    lock.acquire("clean")
-    try:
-        folders = list(iter_runs_dir(state))
-        old = folders[: max(0, len(folders) - keep)]
-        for folder in old:
-            shutil.rmtree(folder)
-    finally:
-        lock.release()
-    click.echo(f"removed {len(old)} run folder(s), kept {min(keep, len(folders))}")
 
+@main.command()
+@PIPELINE
+def repair(pipeline: Path) -> None:
+    """Move a damaged run ledger aside; the next run starts a new one (every step runs once)."""
+    from .api import repair as repair_ledger  # noqa: PLC0415
+
+    done = repair_ledger(pipeline)
+    if not done["moved"]:
+        click.echo(f"{done['ledger']} is sound; nothing moved" if Path(done["ledger"]).exists()
+                   else f"no run ledger in {Path(done['ledger']).parent}; nothing to repair")
+        return
+    click.echo(f"the run ledger was damaged ({done['damage']}); moved it aside to {done['moved'][0]}")
+    click.echo("the next run starts a new ledger and runs every step once; the executed notebooks in "
+               "_nbflow/runs/ are kept")
 
 
 @main.command()

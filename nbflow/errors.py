@@ -82,6 +82,26 @@ class StateError(NbflowError):
     exit_code = 1
 
 
+class LedgerDamaged(StateError):
+    """The run ledger's file is damaged (not an sqlite database, or malformed pages).
+
+    Carries the ledger's path, what sqlite said and the pipeline folder, so
+    that the message can name the command that moves the file aside.
+    """
+
+    def __init__(self, ledger: str, detail: str, pipeline: str):
+        import shlex  # noqa: PLC0415 - only when the ledger is damaged
+
+        self.ledger, self.detail, self.pipeline = ledger, detail, pipeline
+        super().__init__(
+            f"the run ledger {ledger} is damaged ({detail}); the executed notebooks in _nbflow/runs/ are not "
+            f"affected. Move the damaged file aside with `nbflow repair {shlex.quote(pipeline)}`: the next run "
+            "then starts a new ledger and runs every step once")
+
+    def __reduce__(self):  # survive pickling (dask workers, background threads)
+        return (type(self), (self.ledger, self.detail, self.pipeline))
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -20,9 +20,9 @@ import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
-from .errors import PipelineError, PipelineLocked, Problem, StateError
+from .errors import LedgerDamaged, PipelineError, PipelineLocked, Problem, StateError
 from .events import (Event, FileRecord, RunFinished, RunStarted, RunStatus, StepCancelled, StepFailed,
                      StepNotRun, StepSkipped, StepStarted, StepSucceeded)
 from .graph import FileRef, Graph
@@ -30,7 +30,6 @@ from .layout import StateLayout
 from .params import EnvRef, is_secret_name
 
 SCHEMA_VERSION = 1
-LEDGER_NAME = "history.sqlite"
 REDACTED = "***"
 
 _SCHEMA = """
@@ -58,21 +57,27 @@ def redact(parameters: dict[str, Any], secrets: tuple[str, ...] | set[str] = ())
 
 
 class Ledger:
-    """The run ledger of one pipeline. Every write is one transaction."""
+    """The run ledger of one pipeline. Every write is one transaction.
+
+    Every statement goes through `_LedgerConnection`, which turns a damaged
+    file into LedgerDamaged. Opened to write a run (`create=True`), the file is
+    checked first (PRAGMA quick_check), so that damage is found before any
+    step starts.
+    """
 
     def __init__(self, state_dir: Path, *, create: bool = True):
         self.state_dir = Path(state_dir)
         self.root = self.state_dir.parent
-        path = self.state_dir / LEDGER_NAME
+        path = StateLayout.from_state_dir(self.state_dir).ledger
         self.path = path
         try:
             if create:
                 self.state_dir.mkdir(parents=True, exist_ok=True)
             elif not path.exists():
-                self.conn = sqlite3.connect(":memory:", isolation_level=None)
+                self.conn = self._connect(":memory:")
                 self._init()
                 return
-            self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.conn = self._connect(path, timeout=30)
             try:
                 self._init()
             except sqlite3.OperationalError:
@@ -80,12 +85,23 @@ class Ledger:
                     raise
                 # a read-only _nbflow/ (read-only mount): read the ledger without its WAL index
                 self.conn.close()
-                self.conn = sqlite3.connect(f"{path.absolute().as_uri()}?immutable=1", uri=True,
-                                            isolation_level=None, check_same_thread=False)
+                self.conn = self._connect(f"{path.absolute().as_uri()}?immutable=1", uri=True)
                 self._init()
+            if create:
+                self.check()
+        except LedgerDamaged:
+            self.conn.close()
+            raise
         except (OSError, sqlite3.Error) as e:
             raise StateError(f"cannot open the run ledger {path}: {e}; check that {self.state_dir} is "
                              "writable and the disk is not full") from None
+
+    def _connect(self, database: str | Path, **options: Any) -> _LedgerConnection:
+        conn = sqlite3.connect(database, isolation_level=None, check_same_thread=False, factory=_LedgerConnection,
+                               **options)
+        assert isinstance(conn, _LedgerConnection)
+        conn.ledger = self
+        return conn
 
     def _init(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -97,6 +113,17 @@ class Ledger:
             except sqlite3.Error:
                 pass
             self.conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+    def check(self, thorough: bool = False) -> None:
+        """Raise LedgerDamaged unless sqlite finds the file sound (quick_check; integrity_check if `thorough`)."""
+        pragma = "integrity_check" if thorough else "quick_check"
+        problems = [row[0] for row in self.conn.execute(f"PRAGMA {pragma}").fetchall()]
+        if problems != ["ok"]:
+            first = " ".join(str(problems[0] if problems else "no answer").split())
+            raise self.damaged(f"{pragma}: {first[:200]}")
+
+    def damaged(self, detail: str) -> LedgerDamaged:
+        return LedgerDamaged(str(self.path), detail, str(self.root))
 
     def transaction(self):
         return _Transaction(self)
@@ -185,12 +212,15 @@ class Ledger:
     def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT run_id, started_at, finished_at, status, pid, host, parameters FROM runs ORDER BY started_at DESC"
         rows = self.conn.execute(sql + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+        now = _StatusNow(self.state_dir)
         result = []
         for r in rows:
-            counts = dict(self.conn.execute(
-                "SELECT status, COUNT(*) FROM step_runs s WHERE run_id=? AND id = (SELECT MAX(id) FROM step_runs "
-                "WHERE run_id=s.run_id AND step=s.step) GROUP BY status", (r[0],)).fetchall())
-            result.append({"run_id": r[0], "started_at": r[1], "finished_at": r[2], "status": r[3], "pid": r[4],
+            counts: dict[str, int] = {}
+            for status, n in self.conn.execute(
+                    "SELECT status, COUNT(*) FROM step_runs s WHERE run_id=? AND id = (SELECT MAX(id) FROM step_runs "
+                    "WHERE run_id=s.run_id AND step=s.step) GROUP BY status", (r[0],)).fetchall():
+                counts[now(status)] = counts.get(now(status), 0) + n
+            result.append({"run_id": r[0], "started_at": r[1], "finished_at": r[2], "status": now(r[3]), "pid": r[4],
                            "host": r[5], "parameters": json.loads(r[6] or "{}"),
                            "duration_s": None if r[2] is None else round(r[2] - r[1], 3), "steps": counts})
         return result
@@ -201,9 +231,11 @@ class Ledger:
                 "error_traceback"]
         rows = self.conn.execute(f"SELECT {', '.join(cols)} FROM step_runs WHERE run_id=? ORDER BY id",
                                  (run_id,)).fetchall()
+        now = _StatusNow(self.state_dir)
         result = []
         for row in rows:
             d = dict(zip(cols, row))
+            d["status"] = now(d["status"])
             d["parameters"] = json.loads(d["parameters"] or "{}")
             d["reasons"] = json.loads(d["reasons"] or "[]")
             d["files"] = [dict(zip(("role", "label", "path", "sha256", "size"), f)) for f in self.conn.execute(
@@ -240,6 +272,25 @@ class Ledger:
         return ids
 
 
+class _StatusNow:
+    """A recorded status as it stands now: `running` with no run holding the lock is `interrupted`.
+
+    What nbflow records after it was killed (kill -9, power loss) until the
+    next run writes it; the read views say it at once, without writing.
+    """
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.running: bool | None = None  # asked once, when a `running` status is met
+
+    def __call__(self, status: str) -> str:
+        if status != RunStatus.RUNNING.value:
+            return status
+        if self.running is None:
+            self.running = RunLock(self.state_dir).held()
+        return status if self.running else RunStatus.INTERRUPTED.value
+
+
 class _Transaction:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
@@ -248,8 +299,7 @@ class _Transaction:
         try:
             self.ledger.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
-            raise StateError(f"cannot write the run ledger {self.ledger.path}: {e}; "
-                             "check that the folder is writable and the disk is not full") from None
+            raise self._cannot_write(e) from None
         return self.ledger.conn
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
@@ -258,21 +308,112 @@ class _Transaction:
             try:
                 conn.execute("COMMIT")
                 return False
+            except LedgerDamaged:
+                _rollback(conn)
+                raise
             except sqlite3.Error as e:
                 _rollback(conn)
-                raise StateError(f"cannot write the run ledger {self.ledger.path}: {e}; "
-                                 "check that the folder is writable and the disk is not full") from None
+                raise self._cannot_write(e) from None
         _rollback(conn)
         if isinstance(exc, sqlite3.Error):
-            raise StateError(f"cannot write the run ledger {self.ledger.path}: {exc}; "
-                             "check that the folder is writable and the disk is not full") from None
+            raise self._cannot_write(exc) from None
         return False
+
+    def _cannot_write(self, e: sqlite3.Error) -> StateError:
+        return StateError(f"cannot write the run ledger {self.ledger.path}: {e}; "
+                          "check that the folder is writable and the disk is not full")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
     # sqlite has already rolled back by itself after some errors (disk full): then there is nothing to undo
     if conn.in_transaction:
-        conn.execute("ROLLBACK")
+        try:
+            conn.execute("ROLLBACK")
+        except LedgerDamaged:
+            pass  # the error that led here is the one to report
+
+
+def _is_damage(e: sqlite3.Error) -> bool:
+    """sqlite's answer for a file that is not a database or has malformed pages.
+
+    Not the OperationalErrors (locked, read-only, disk full, cannot open): the
+    file is fine there, the folder or the disk is not.
+    """
+    code = getattr(e, "sqlite_errorcode", None)  # None for errors of the sqlite3 module itself
+    return code is not None and (code & 0xFF) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+class _LedgerConnection(sqlite3.Connection):
+    """A connection to the ledger whose statements raise LedgerDamaged for a damaged file."""
+
+    ledger: Ledger
+
+    def cursor(self, factory: Any = None) -> Any:
+        return super().cursor(factory or _LedgerCursor)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any:
+        return self.cursor().executemany(sql, parameters)
+
+    def executescript(self, script: str, /) -> Any:
+        return self.cursor().executescript(script)
+
+
+class _LedgerCursor(sqlite3.Cursor):
+    """Reading rows goes on reading pages: fetching can find damage too, not only executing."""
+
+    def _converted(self, e: sqlite3.Error) -> Exception:
+        # The error's traceback holds this cursor; closed, its statement cannot keep the
+        # connection open after Ledger.close() (sqlite would then never checkpoint the -wal).
+        super().close()
+        connection = self.connection
+        if _is_damage(e) and isinstance(connection, _LedgerConnection):
+            return connection.ledger.damaged(str(e))
+        return e
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.DatabaseError as e:
+            raise self._converted(e) from None
+
+    def executemany(self, sql: str, parameters: Any, /) -> Any:
+        try:
+            return super().executemany(sql, parameters)
+        except sqlite3.DatabaseError as e:
+            raise self._converted(e) from None
+
+    def executescript(self, script: str, /) -> Any:
+        try:
+            return super().executescript(script)
+        except sqlite3.DatabaseError as e:
+            raise self._converted(e) from None
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.DatabaseError as e:
+            raise self._converted(e) from None
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        try:
+            return super().fetchmany(self.arraysize if size is None else size)
+        except sqlite3.DatabaseError as e:
+            raise self._converted(e) from None
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.DatabaseError as e:
+            raise self._converted(e) from None
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.DatabaseError as e:
+            raise self._converted(e) from None
 
 
 def _file_kind(mode: int) -> str:
@@ -458,7 +599,7 @@ class RunLock:
     """`_nbflow/lock`: one run of a pipeline at a time. The OS frees it if nbflow dies."""
 
     def __init__(self, state_dir: Path):
-        self.path = Path(state_dir) / "lock"
+        self.path = StateLayout.from_state_dir(state_dir).lock
         self.fd: int | None = None
         self.stale: dict[str, Any] | None = None  # the holder that died without releasing the lock
 
@@ -470,7 +611,7 @@ class RunLock:
             raise StateError(f"cannot create the run lock {self.path}: {e.strerror}; "
                              f"check that {self.path.parent} is writable") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(fd)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
@@ -500,6 +641,40 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+    def held(self) -> bool:
+        """Whether a process holds the lock now (a run is going on). Only reads; never creates the file.
+
+        Probes with a shared lock for an instant, which `acquire` waits out.
+        When the file cannot be read, the answer is yes: then the ledger is believed.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: held; others: cannot tell
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
+
+def _flock_soon(fd: int) -> None:
+    """Take the lock, or raise BlockingIOError when it stays held for a while (not only a probe's instant)."""
+    for pause in (0.01, 0.02, 0.05, 0.1):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(pause)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
@@ -619,7 +794,27 @@ class LedgerRecorder:
                       (e.result.status.value, e.result.finished_at, e.result.run_id))
 
 
-def iter_runs_dir(state_dir: Path) -> Iterator[Path]:
-    runs = Path(state_dir) / "runs"
-    if runs.is_dir():
-        yield from sorted(p for p in runs.iterdir() if p.is_dir())
+def set_ledger_aside(state_dir: Path) -> list[Path]:
+    """Rename the ledger (and sqlite's -wal/-shm files beside it) to `history.sqlite.damaged-<time>`.
+
+    The next run then starts a new ledger. The -wal file goes first: left
+    behind, it would be replayed into the new ledger. Returns the new paths.
+    """
+    ledger = StateLayout.from_state_dir(state_dir).ledger
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside, n = ledger.with_name(f"{ledger.name}.damaged-{stamp}"), 1
+    while any(Path(f"{aside}{suffix}").exists() for suffix in ("", "-wal", "-shm")):
+        n += 1
+        aside = ledger.with_name(f"{ledger.name}.damaged-{stamp}-{n}")
+    moved = []
+    for suffix in ("-wal", "-shm", ""):
+        source, target = Path(f"{ledger}{suffix}"), Path(f"{aside}{suffix}")
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise StateError(f"cannot move {source} aside: {e.strerror}; check that {state_dir} is writable, "
+                             f"or move it yourself (mv {source} {target})") from None
+        moved.append(target)
+    return moved[::-1]

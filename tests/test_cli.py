@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from nbflow import api as nbflow_api
+from nbflow.errors import PipelineError
+from nbflow.events import RunStarted, StepStarted
+from nbflow.layout import StateLayout
+from nbflow.state import Ledger, LedgerRecorder, RunLock
 
 NBFLOW = [sys.executable, "-m", "nbflow.cli"]
 
@@ -115,3 +124,121 @@ def test_json_errors_are_json_on_stdout_too(tmp_path):
     assert proc.returncode == 2 and "no steps in" in proc.stderr
     out = json.loads(proc.stdout)
     assert out["exit_code"] == 2 and "no notebook there has a cell tagged 'parameters'" in out["error"]
+
+
+# -- runs left running by a killed nbflow -----------------------------------------------------------------------
+
+def test_a_run_left_running_by_a_dead_nbflow_is_shown_interrupted(tmp_path):
+    root = tmp_path / "p"
+    ledger = Ledger(root / "_nbflow")
+    record = LedgerRecorder(ledger)
+    record(RunStarted("20250101T060000-dead00", str(root), 1.0, ()))
+    record(StepStarted("a", 1, "_nbflow/runs/20250101T060000-dead00/a.ipynb", 2, 1.5))
+    ledger.close()
+
+    def shown() -> tuple[str, dict[str, int], list[str]]:
+        [run] = json.loads(cli("history", str(root), "--json").stdout)["runs"]
+        steps = json.loads(cli("show", str(root), "latest", "--json").stdout)["steps"]
+        return run["status"], run["steps"], [s["status"] for s in steps]
+
+    assert shown() == ("interrupted", {"interrupted": 1}, ["interrupted"])  # nobody holds the lock: it died
+    assert "interrupted" in cli("history", str(root)).stdout
+    assert not (root / "_nbflow" / "lock").exists()  # the read views create nothing
+    lock = RunLock(root / "_nbflow")
+    lock.acquire("20250101T060000-dead00")  # held by this process: the run is alive for the command
+    try:
+        assert shown() == ("running", {"running": 1}, ["running"])
+    finally:
+        lock.release()
+    conn = sqlite3.connect(root / "_nbflow" / "history.sqlite")
+    assert conn.execute("SELECT status FROM runs").fetchall() == [("running",)]  # the next run records it
+    conn.close()
+
+
+# -- clean ---------------------------------------------------------------------------------------------------
+
+RUN_IDS = [f"2025010{i}T060000-aaaaaa" for i in range(1, 5)]
+
+
+def with_old_runs(root: Path) -> StateLayout:
+    """Four runs' executed notebooks, each with an earlier attempt of a retried step."""
+    layout = StateLayout.of(root)
+    for run_id in RUN_IDS:
+        for path in (layout.executed(run_id, "a"), layout.attempt(run_id, "a", 1)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
+    return layout
+
+
+def test_clean_keeps_the_newest_runs_with_their_attempts(tmp_path):
+    layout = with_old_runs(tmp_path / "p")
+    proc = cli("clean", str(layout.root), "--keep", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "removed the notebooks of 2 run(s), kept 2\n"
+    assert sorted(p.name for p in layout.runs_dir.iterdir()) == RUN_IDS[2:]
+    assert sorted(p.name for p in layout.attempts_dir.iterdir()) == RUN_IDS[2:]
+    assert layout.attempt(RUN_IDS[3], "a", 1).exists()
+    assert nbflow_api.clean(layout.root, keep=2) == {"removed": [], "kept": RUN_IDS[2:]}
+    assert nbflow_api.clean(layout.root, keep=1) == {"removed": [RUN_IDS[2]], "kept": [RUN_IDS[3]]}
+
+
+def test_clean_keeps_at_least_one_run(tmp_path):
+    layout = with_old_runs(tmp_path / "p")
+    for keep in ("0", "-1"):
+        proc = cli("clean", str(layout.root), "--keep", keep)
+        assert proc.returncode == 2 and f"Invalid value for '--keep': {keep} is not in the range x>=1" in proc.stderr
+    with pytest.raises(PipelineError, match="keep must be at least 1, not 0"):
+        nbflow_api.clean(layout.root, keep=0)
+    assert sorted(p.name for p in layout.runs_dir.iterdir()) == RUN_IDS
+
+
+def test_clean_refuses_a_path_that_is_not_a_pipeline_and_creates_nothing(tmp_path):
+    mistyped = tmp_path / "notebooks-typo"
+    proc = cli("clean", str(mistyped))
+    assert proc.returncode == 2
+    assert proc.stderr == f"nbflow: invalid pipeline: pipeline folder '{mistyped}' does not exist or is not a folder\n"
+    assert not mistyped.exists()
+    never_ran = tmp_path / "never_ran"
+    never_ran.mkdir()
+    proc = cli("clean", str(never_ran))
+    assert proc.returncode == 2
+    assert proc.stderr == (f"nbflow: invalid pipeline: {never_ran} has no _nbflow/ folder: not a pipeline that has "
+                           "run, nothing to clean\n")
+    assert list(never_ran.iterdir()) == []
+    (tmp_path / "a_file").write_text("x")
+    assert cli("clean", str(tmp_path / "a_file")).returncode == 2
+
+
+# -- read views of something that is not a pipeline ------------------------------------------------------------
+
+def test_status_of_a_folder_without_steps_is_the_error_run_gives(tmp_path, notebook_factory):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (("run", str(empty)), ("status", str(empty)), ("status", str(empty), "--json")):
+        proc = cli(*args)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"nbflow: invalid pipeline: no steps in {empty}: ")
+    notebook_factory(empty / "driver.ipynb", None, "import nbflow")
+    proc = cli("status", str(empty))
+    assert proc.returncode == 2 and "(1 notebook(s) without one)" in proc.stderr
+    with pytest.raises(PipelineError, match="no steps in"):
+        nbflow_api.Pipeline(empty).status()
+
+
+def test_history_show_lineage_of_a_missing_folder_name_it(tmp_path):
+    missing = tmp_path / "nope"
+    for args in (("history", str(missing)), ("history", str(missing), "--json"), ("show", str(missing), "latest"),
+                 ("lineage", str(missing), str(missing / "x.csv"))):
+        proc = cli(*args)
+        assert proc.returncode == 2, args
+        assert f"pipeline folder '{missing}' does not exist or is not a folder" in proc.stderr, args
+    assert not missing.exists()
+    with pytest.raises(PipelineError, match="does not exist"):
+        nbflow_api.runs(missing)
+
+
+def test_history_of_a_pipeline_never_run_is_empty(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    proc = cli("history", str(root))
+    assert proc.returncode == 0 and proc.stdout == "no runs yet\n"
+    assert json.loads(cli("history", str(root), "--json").stdout) == {"runs": []}
+    assert not (root / "_nbflow").exists()

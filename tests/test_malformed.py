@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +234,95 @@ def test_unknown_step_and_parameter_in_yaml_have_a_did_you_mean(with_config):
                              "  - nbflow.yaml:2: 'steps.claen' names no step (did you mean 'clean'?)\n"
                              "  - nbflow.yaml:3: 'steps.clean.parameters.min_yeer': step 'clean' has no parameter "
                              "'min_yeer' (did you mean 'min_year'?)\n")
+
+
+# -- a damaged ledger -----------------------------------------------------------------------------------------
+
+def damage(ledger: Path, how: str) -> None:
+    """Damage the ledger as a disk, a crash or a stray write would."""
+    data = ledger.read_bytes()
+    page = 4096
+    if how == "pages_overwritten":  # the header survives, every page after the first is junk
+        junk = bytes((i * 151 + 7) % 256 for i in range(len(data) - page))
+        ledger.write_bytes(data[:page] + junk)
+    elif how == "truncated":
+        ledger.write_bytes(data[: len(data) // 2])
+    else:  # random bytes: not an sqlite file at all
+        ledger.write_bytes(bytes((i * 31 + 17) % 256 for i in range(len(data))))
+
+
+READ_COMMANDS = [("status",), ("history",), ("history", "--json"), ("show", "latest"), ("show", "--json", "latest"),
+                 ("lineage", "data/d.txt"), ("report", "-o", "report.html")]
+
+
+@pytest.mark.parametrize("how", ["pages_overwritten", "truncated", "random_bytes"])
+def test_a_damaged_ledger_is_a_clear_error_everywhere_and_repair_moves_it_aside(fixture_pipeline, how):
+    root = fixture_pipeline("diamond")
+    first = nbflow.run(root, display=False)
+    assert first.ok
+    executed = files_of(root / "_nbflow" / "runs")
+    ledger = root / "_nbflow" / "history.sqlite"
+    damage(ledger, how)
+    damaged_bytes = ledger.read_bytes()
+
+    for command in [("run",), ("run", "--json"), *READ_COMMANDS]:
+        name, *rest = command
+        args = [name, root, *(root / a if a == "data/d.txt" else a for a in rest)]
+        result = cli(*args)
+        assert result.exit_code == 1, (command, result.output)
+        assert result.stderr.startswith(f"nbflow: the run ledger {ledger} is damaged ("), (command, result.stderr)
+        assert (f"the executed notebooks in _nbflow/runs/ are not affected. Move the damaged file aside with "
+                f"`nbflow repair {root}`: the next run then starts a new ledger and runs every step once"
+                in result.stderr), command
+        assert "Traceback" not in result.output
+    as_process = subprocess.run([sys.executable, "-m", "nbflow.cli", "run", str(root), "--json"],
+                                capture_output=True, text=True, timeout=120)
+    assert as_process.returncode == 1 and "Traceback" not in as_process.stderr
+    assert json.loads(as_process.stdout)["error"].startswith(f"the run ledger {ledger} is damaged")
+    assert not (root / "report.html").exists()
+    assert files_of(root / "_nbflow" / "runs") == executed  # the refused run started no step
+    assert ledger.read_bytes() == damaged_bytes
+
+    repaired = cli("repair", root)
+    assert repaired.exit_code == 0, repaired.output
+    [aside] = [p for p in (root / "_nbflow").glob("history.sqlite.damaged-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert f"moved it aside to {aside}" in repaired.stdout
+    assert aside.read_bytes() == damaged_bytes
+    names = {p.name for p in (root / "_nbflow").iterdir() if p.name.startswith("history.sqlite")}
+    assert names <= {aside.name, f"{aside.name}-wal", f"{aside.name}-shm"}  # its -wal and -shm went with it
+
+    again = cli("run", root, "--json")
+    assert again.exit_code == 0, again.output
+    assert {s["status"] for s in json.loads(again.stdout)["steps"]} == {"succeeded"}  # a new ledger: all ran
+    assert [r["run_id"] for r in json.loads(cli("history", root, "--json").stdout)["runs"]] == [
+        json.loads(again.stdout)["run_id"]]
+    assert files_of(root / "_nbflow" / "runs").items() >= executed.items()  # the first run's notebooks are kept
+    assert cli("repair", root).stdout == f"{ledger} is sound; nothing moved\n"
+
+
+def test_damage_found_only_when_writing_is_found_before_any_step_starts(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    assert nbflow.run(root, display=False).ok
+    ledger = root / "_nbflow" / "history.sqlite"
+    conn = sqlite3.connect(ledger)
+    [(page,)] = conn.execute("SELECT rootpage FROM sqlite_master WHERE name='sqlite_sequence'").fetchall()
+    conn.close()
+    data = bytearray(ledger.read_bytes())
+    data[(page - 1) * 4096:page * 4096] = b"\xff" * 4096  # read only to number a new step attempt
+    ledger.write_bytes(bytes(data))
+    (root / "data" / "seed.txt").write_text("2")  # every step would run
+    assert cli("status", root).exit_code == 0 and cli("history", root).exit_code == 0  # read no damaged page
+    runs_before = files_of(root / "_nbflow" / "runs")
+
+    result = cli("run", root)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"nbflow: the run ledger {ledger} is damaged ("), result.stderr
+    assert files_of(root / "_nbflow" / "runs") == runs_before  # PRAGMA quick_check found it: no step started
+
+
+def test_repair_of_a_sound_or_absent_ledger_moves_nothing(fixture_pipeline, tmp_path):
+    root = fixture_pipeline("diamond")
+    assert cli("repair", root).stdout == f"no run ledger in {root / '_nbflow'}; nothing to repair\n"
+    assert not (root / "_nbflow").exists()
+    missing = cli("repair", tmp_path / "nope")
+    assert missing.exit_code == 2 and f"pipeline folder '{tmp_path / 'nope'}' does not exist" in missing.stderr

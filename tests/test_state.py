@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import sqlite3
 import subprocess
 import sys
@@ -10,11 +11,12 @@ import sys
 import pytest
 
 import nbflow
-from nbflow.errors import PipelineLocked
+from nbflow.errors import LedgerDamaged, PipelineLocked, StateError
 from nbflow.events import (FileRecord, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus, StepStarted,
                            StepSucceeded)
 from nbflow.graph import build_graph
-from nbflow.state import SCHEMA_VERSION, Ledger, LedgerRecorder, RunLock, _cell_changes, assess, redact
+from nbflow.state import (SCHEMA_VERSION, Ledger, LedgerRecorder, RunLock, _cell_changes, assess, redact,
+                          set_ledger_aside)
 
 
 def test_schema_is_versioned_and_newer_schema_is_refused(tmp_path):
@@ -110,3 +112,100 @@ def test_lock_refuses_a_second_run_and_names_the_first(tmp_path):
 def test_redact():
     assert redact({"token": 1, "api_key": 2, "x": 3}, {"x"}) == {"token": "***", "api_key": "***", "x": "***"}
     assert json.dumps(redact({"min_year": 2012})) == '{"min_year": 2012}'
+
+
+# -- a damaged ledger -------------------------------------------------------------------------------------------
+
+def recorded_ledger(state_dir):
+    ledger = Ledger(state_dir)
+    record = LedgerRecorder(ledger)
+    record(RunStarted("r1", str(state_dir.parent), 1.0, ()))
+    record(StepStarted("a", 1, "_nbflow/runs/r1/a.ipynb", 2, 1.5))
+    ledger.close()
+    return state_dir / "history.sqlite"
+
+
+def test_a_file_that_is_not_a_database_is_damaged_not_unwritable(tmp_path):
+    path = recorded_ledger(tmp_path / "_nbflow")
+    path.write_bytes(b"these are not the pages of an sqlite database " * 100)
+    for create in (False, True):
+        with pytest.raises(LedgerDamaged) as caught:
+            Ledger(tmp_path / "_nbflow", create=create)
+        assert caught.value.detail == "file is not a database" and caught.value.ledger == str(path)
+        assert "writable" not in str(caught.value) and f"nbflow repair {tmp_path}" in str(caught.value)
+
+
+def test_damage_found_by_a_query_or_a_read_of_rows_is_ledger_damaged(tmp_path):
+    path = recorded_ledger(tmp_path / "_nbflow")
+    data = path.read_bytes()
+    path.write_bytes(data[:4096] + b"\x0d" * (len(data) - 4096))  # the schema survives, the tables do not
+    ledger = Ledger(tmp_path / "_nbflow", create=False)
+    try:
+        with pytest.raises(LedgerDamaged, match="database disk image is malformed"):
+            ledger.runs()
+        with pytest.raises(LedgerDamaged):
+            for _ in ledger.conn.execute("SELECT * FROM step_runs"):
+                pass
+    finally:
+        ledger.close()
+
+
+def test_ledger_damaged_survives_pickling():
+    error = LedgerDamaged("/p/_nbflow/history.sqlite", "file is not a database", "/p")
+    again = pickle.loads(pickle.dumps(error))
+    assert str(again) == str(error) and isinstance(again, StateError) and again.exit_code == 1
+
+
+def test_a_busy_ledger_is_not_called_damaged(tmp_path):
+    writer = Ledger(tmp_path / "_nbflow")
+    other = Ledger(tmp_path / "_nbflow")
+    other.conn.execute("PRAGMA busy_timeout=0")
+    writer.conn.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StateError) as caught, other.transaction():
+            pass
+        assert not isinstance(caught.value, LedgerDamaged) and "database is locked" in str(caught.value)
+    finally:
+        writer.conn.execute("ROLLBACK")
+        writer.close()
+        other.close()
+
+
+def test_set_ledger_aside_moves_the_ledger_with_its_wal(tmp_path):
+    state = tmp_path / "_nbflow"
+    reader = Ledger(state)  # open: the -wal and -shm files exist
+    names = {p.name for p in state.iterdir()}
+    assert {"history.sqlite", "history.sqlite-wal", "history.sqlite-shm"} <= names
+    moved = set_ledger_aside(state)
+    reader.close()
+    assert moved[0].name.startswith("history.sqlite.damaged-") and len(moved) == 3
+    assert {p.name for p in moved} == {moved[0].name, f"{moved[0].name}-wal", f"{moved[0].name}-shm"}
+    assert not (state / "history.sqlite").exists() and not (state / "history.sqlite-wal").exists()
+    assert set_ledger_aside(state) == []
+
+
+# -- runs left running by an nbflow that died ---------------------------------------------------------------
+
+def test_a_run_left_running_reads_interrupted_unless_a_run_holds_the_lock(tmp_path):
+    state = tmp_path / "_nbflow"
+    path = recorded_ledger(state)
+    ledger = Ledger(state, create=False)
+    try:
+        [run] = ledger.runs()
+        assert run["status"] == "interrupted" and run["steps"] == {"interrupted": 1}
+        assert [s["status"] for s in ledger.step_runs("r1")] == ["interrupted"]
+        assert not (state / "lock").exists()  # asking created nothing
+        lock = RunLock(state)
+        lock.acquire("r1")
+        try:
+            [run] = ledger.runs()
+            assert run["status"] == "running" and run["steps"] == {"running": 1}
+            assert [s["status"] for s in ledger.step_runs("r1")] == ["running"]
+        finally:
+            lock.release()
+        assert ledger.runs()[0]["status"] == "interrupted"  # the lock file is there now, nobody holds it
+    finally:
+        ledger.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT status FROM runs").fetchall() == [("running",)]  # reading wrote nothing
+    conn.close()
