@@ -28,6 +28,7 @@ from .events import (Event, FileRecord, RunFinished, RunStarted, RunStatus, Step
 from .graph import FileRef, Graph
 from .layout import StateLayout
 from .params import EnvRef, is_secret_name
+from .version import __version__
 
 SCHEMA_VERSION = 1
 REDACTED = "***"
@@ -503,6 +504,11 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def recorded_steps(ledger: Ledger) -> dict[str, str]:
+    """Every step the ledger has seen in a run, with the newest such run id."""
+    return dict(ledger.conn.execute("SELECT step, MAX(run_id) FROM step_runs GROUP BY step").fetchall())
+
+
 @dataclass(frozen=True)
 class Freshness:
     name: str
@@ -519,7 +525,8 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
     reasons: list[str] = []
     last = ledger.last_success(name)
     if last is None:
-        reasons.append("never run")
+        failed_run = ledger.failed_since(name, 0.0)  # never succeeded: say how it ended, if it ever started
+        reasons.append(f"last run {failed_run[1]} ({failed_run[0]})" if failed_run else "never run")
     else:
         old = last["parts"]
         if old.get("kernel") != parts["kernel"]:
@@ -727,8 +734,6 @@ class LedgerRecorder:
             handler(event)
 
     def _on_RunStarted(self, e: RunStarted) -> None:
-        from . import __version__  # noqa: PLC0415
-
         self.run_id = e.run_id
         with self.ledger.transaction() as c:
             c.execute("INSERT INTO runs (run_id, started_at, status, pid, host, parameters, plan, nbflow_version) "
