@@ -24,6 +24,8 @@ from .notebook import Step
 if TYPE_CHECKING:
     import pandas
 
+    from .schedule import Schedule
+
     from .execute import Runner
     from .state import Ledger
 
@@ -327,10 +329,83 @@ def history(pipeline: str | os.PathLike = ".", limit: int | None = None) -> "pan
     return frame
 
 
-def runs(pipeline: str | os.PathLike = ".", limit: int | None = None) -> list[dict[str, Any]]:
-    """Past runs, newest first, as plain dicts (what `nbflow history --json` prints)."""
+def runs(pipeline: str | os.PathLike = ".", limit: int | None = None, *, idle: bool = True) -> list[dict[str, Any]]:
+    """Past runs, newest first, as plain dicts (what `nbflow history --json` prints).
+
+    `idle=False` leaves out the runs where nothing ran (every step was fresh).
+    """
     with read_ledger(pipeline) as ledger:
-        return ledger.runs(limit)
+        found = ledger.runs(None if not idle else limit)
+    if not idle:
+        found = [r for r in found if not is_idle(r)]
+    return found[:limit] if limit else found
+
+
+def is_idle(run: dict[str, Any]) -> bool:
+    """A run where nothing ran: it succeeded and every step was skipped as fresh."""
+    return run["status"] == "succeeded" and set(run["steps"]) <= {"skipped"}
+
+
+def show(pipeline: str | os.PathLike = ".", run_id: str = "latest") -> dict[str, Any]:
+    """One run (a unique prefix of its id, or "latest"): the run's record and every step attempt with its files."""
+    with read_ledger(pipeline) as ledger:
+        chosen = ledger.find_run(run_id)
+        record = next(r for r in ledger.runs() if r["run_id"] == chosen)
+        return {**record, "steps": ledger.step_runs(chosen)}
+
+
+def lineage(pipeline: str | os.PathLike, path: str | os.PathLike) -> dict[str, Any]:
+    """Which run and step made `path` (relative to the current folder), with what parameters, from what.
+
+    Follows the chain back to source data: each input made by a step has
+    `made_by` with the same shape; source data has `made_by: None`.
+    """
+    from .errors import CommandError  # noqa: PLC0415
+    from .state import sha256_file  # noqa: PLC0415
+
+    with read_ledger(pipeline) as ledger:
+        root = ledger.root
+        rel = Path(os.path.relpath(Path(path).absolute(), root)).as_posix()
+
+        def made(rel_path: str, seen: frozenset[str]) -> dict[str, Any] | None:
+            info = ledger.lineage(rel_path)
+            if info is None or rel_path in seen:
+                return None
+            for item in info["inputs"]:
+                item["made_by"] = made(item["path"], seen | {rel_path})
+            return info
+
+        info = made(rel, frozenset())
+    if info is None:
+        raise CommandError(f"{rel}: no successful run recorded this file as an output (source data, or never "
+                           "made by a step of this pipeline)")
+    full = root / rel
+    info["path"] = rel
+    info["current_matches"] = full.is_file() and sha256_file(full) == info["sha256"]
+    return info
+
+
+def schedule(pipeline: str | os.PathLike = ".", cron: str | None = None, *, install: bool = False) -> "Schedule":
+    """The crontab line that runs the pipeline (`cron`, else `schedule:` of nbflow.yaml); `install` adds it."""
+    from . import schedule as scheduling  # noqa: PLC0415
+
+    graph = build_graph(pipeline)
+    source = "--cron"
+    if cron is None:
+        source = f"'schedule:' in {graph.root / 'nbflow.yaml'}"
+        cron = graph.config.schedule
+        if not cron:
+            raise PipelineError(f'no schedule for {graph.root}: give one with --cron "0 6 * * *" or set '
+                                f"`schedule: \"0 6 * * *\"` in {graph.root / 'nbflow.yaml'}")
+    expression, upcoming = scheduling.next_times(cron, source)
+    layout = graph.layout
+    layout.state_dir.mkdir(exist_ok=True)  # the log's folder must exist before cron's first run
+    line = scheduling.cron_line(expression, graph.root, layout.cron_log)
+    warning = None
+    if install:
+        scheduling.install(line, graph.root)
+        warning = scheduling.no_cron_daemon()
+    return scheduling.Schedule(expression, line, upcoming, layout.cron_log, install, warning)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .errors import CommandError, NbflowError, PipelineError
+from .errors import NbflowError, PipelineError
 
 PIPELINE = click.argument("pipeline", type=click.Path(file_okay=False, path_type=Path))
 
@@ -129,54 +129,52 @@ def status(pipeline: Path, parameters: tuple[str, ...], as_json: bool) -> None:
 @main.command()
 @PIPELINE
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="How many runs.")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Also the runs where nothing ran (every step fresh).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def history(pipeline: Path, limit: int, as_json: bool) -> None:
-    """Past runs, newest first."""
-    from .api import runs  # noqa: PLC0415
+def history(pipeline: Path, limit: int, show_all: bool, as_json: bool) -> None:
+    """Past runs, newest first, with the parameters they were given."""
+    from .api import is_idle, runs  # noqa: PLC0415
 
-    rows = runs(pipeline, limit)
+    every = runs(pipeline, limit, idle=True)
+    shown = every if show_all else runs(pipeline, limit, idle=False)
+    folded = 0 if show_all else sum(is_idle(r) for r in every)
     if as_json:
-        click.echo(json.dumps({"runs": rows}))
+        click.echo(json.dumps({"runs": shown, "folded": folded}))
         return
-    if not rows:
+    if not every:
         click.echo("no runs yet")
         return
-    for r in rows:
+    for r in shown:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started_at"]))
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r["steps"].items()))
-        dur = f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else "-"
-        click.echo(f"{r['run_id']}  {when}  {r['status']:<11} {dur:>7}  {counts}")
+        params = "  " + " ".join(f"{k}={v}" for k, v in r["parameters"].items()) if r["parameters"] else ""
+        click.echo(f"{r['run_id']}  {when}  {r['status']:<11} {_duration(r['duration_s']):>9}  {counts}{params}")
+    if folded:
+        click.echo(f"(and {folded} run(s) where every step was fresh among the last {len(every)}; --all shows them)")
 
 
 @main.command()
 @PIPELINE
-@click.argument("run_id")
+@click.argument("run_id", default="latest")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def show(pipeline: Path, run_id: str, as_json: bool) -> None:
-    """One run: its steps, timings, errors and files."""
-    from .api import read_ledger  # noqa: PLC0415
+    """One run (default: the latest): its steps, parameters, timings, errors and files."""
+    from .api import show as show_run  # noqa: PLC0415
 
-    with read_ledger(pipeline) as ledger:
-        ids = [r["run_id"] for r in ledger.runs()]
-        if run_id == "latest" and ids:
-            run_id = ids[0]
-        matches = [i for i in ids if i.startswith(run_id)]
-        if len(matches) != 1:
-            from .errors import did_you_mean  # noqa: PLC0415
-
-            raise CommandError(f"no run {run_id!r}{did_you_mean(run_id, ids)}; see `nbflow history {pipeline}`"
-                                if not matches else f"{run_id!r} matches {len(matches)} runs; give more of the id")
-        rows = ledger.step_runs(matches[0])
+    run = show_run(pipeline, run_id)
     if as_json:
-        for r in rows:
+        for r in run["steps"]:
             r.pop("error_traceback", None)
-        click.echo(json.dumps({"run_id": matches[0], "steps": rows}))
+        click.echo(json.dumps(run))
         return
-    click.echo(f"run {matches[0]}")
-    for r in rows:
-        dur = f"{r['duration_s']:.2f}s" if r["duration_s"] is not None else ""
+    overrides = " ".join(f"{k}={v}" for k, v in run["parameters"].items())
+    click.echo(f"run {run['run_id']}: {run['status']}" + (f"  (-p {overrides})" if overrides else ""))
+    for r in run["steps"]:
         attempt = f" attempt {r['attempt']}" if r["attempt"] > 1 else ""
-        click.echo(f"  {r['step']:<20} {r['status']:<10}{attempt} {dur:>8}  {r['notebook'] or ''}")
+        click.echo(f"  {r['step']:<20} {r['status']:<10}{attempt} {_duration(r['duration_s']):>9}  "
+                   f"{r['notebook'] or ''}")
+        if r["parameters"]:
+            click.echo("      parameters: " + ", ".join(f"{k}={v!r}" for k, v in r["parameters"].items()))
         if r["error_name"]:
             cell = f" (cell {r['error_cell']})" if r["error_cell"] else ""
             click.echo(f"      error: {r['error_name']}: {r['error_value']}{cell}")
@@ -184,56 +182,67 @@ def show(pipeline: Path, run_id: str, as_json: bool) -> None:
             click.echo(f"      {f['role']:<6} {f['path']}  sha256 {f['sha256'][:12]}")
 
 
+def _duration(seconds: float | None) -> str:
+    from .ui.view import format_duration  # noqa: PLC0415
+
+    return format_duration(seconds)
+
+
 @main.command()
 @PIPELINE
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def lineage(pipeline: Path, path: Path, as_json: bool) -> None:
-    """Which run and step made PATH, and from which inputs."""
-    import os  # noqa: PLC0415
+    """Which run and step made PATH, with which parameters, from what: back to the source data."""
+    from .api import lineage as find_lineage  # noqa: PLC0415
 
-    from .api import read_ledger  # noqa: PLC0415
-    from .state import sha256_file  # noqa: PLC0415
-
-    with read_ledger(pipeline) as ledger:
-        root = ledger.root
-        rel = Path(os.path.relpath(path.absolute(), root)).as_posix()
-        info = ledger.lineage(rel)
-    if info is None:
-        raise CommandError(f"{rel}: no successful run recorded this file as an output (source data, or never "
-                           "made by a step of this pipeline)")
-    current = sha256_file(root / rel) if (root / rel).exists() else None
-    info["path"] = rel
-    info["current_matches"] = current == info["sha256"]
+    info = find_lineage(pipeline, path)
     if as_json:
         click.echo(json.dumps(info))
         return
+    click.echo(f"{info['path']}: " + ("unchanged since it was made" if info["current_matches"]
+                                      else "CHANGED since it was made (or gone)"))
+    _print_made(info, indent="  ")
+
+
+def _print_made(info: dict[str, Any], indent: str) -> None:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["finished_at"]))
-    click.echo(f"{rel}: made by step {info['step']!r} in run {info['run_id']} at {when}")
-    click.echo("  file unchanged since" if info["current_matches"] else "  the file has CHANGED since (or is gone)")
-    for i in info["inputs"]:
-        click.echo(f"  from {i['path']}  sha256 {i['sha256'][:12]}")
+    params = " with " + ", ".join(f"{k}={v!r}" for k, v in info["parameters"].items()) if info["parameters"] else ""
+    click.echo(f"{indent}made by step {info['step']!r} in run {info['run_id']} at {when}{params}")
+    for item in info["inputs"]:
+        source = "" if item["made_by"] else "  (source data)"
+        click.echo(f"{indent}  from {item['path']}  sha256 {item['sha256'][:12]}{source}")
+        if item["made_by"]:
+            _print_made(item["made_by"], indent + "    ")
 
 
 @main.command()
 @PIPELINE
 @click.option("--keep", type=click.IntRange(min=1), default=10, show_default=True,
               help="How many recent runs to keep.")
-def clean(pipeline: Path, keep: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def clean(pipeline: Path, keep: int, as_json: bool) -> None:
     """Remove the executed notebooks of old runs (the ledger keeps their records)."""
     from .api import clean as clean_runs  # noqa: PLC0415
 
     done = clean_runs(pipeline, keep)
+    if as_json:
+        click.echo(json.dumps(done))
+        return
     click.echo(f"removed the notebooks of {len(done['removed'])} run(s), kept {len(done['kept'])}")
 
 
 @main.command()
 @PIPELINE
-def repair(pipeline: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def repair(pipeline: Path, as_json: bool) -> None:
     """Move a damaged run ledger aside; the next run starts a new one (every step runs once)."""
     from .api import repair as repair_ledger  # noqa: PLC0415
 
     done = repair_ledger(pipeline)
+    if as_json:
+        click.echo(json.dumps(done))
+        return
     if not done["moved"]:
         click.echo(f"{done['ledger']} is sound; nothing moved" if Path(done["ledger"]).exists()
                    else f"no run ledger in {Path(done['ledger']).parent}; nothing to repair")
@@ -247,7 +256,8 @@ def repair(pipeline: Path) -> None:
 @PIPELINE
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="File to write: .svg, .png, .html or .mmd (mermaid).")
-def plot(pipeline: Path, output: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def plot(pipeline: Path, output: Path, as_json: bool) -> None:
     """Draw the graph of PIPELINE's steps to a file."""
     from .graph import build_graph  # noqa: PLC0415
     from .ui import plot as plotting  # noqa: PLC0415
@@ -257,6 +267,9 @@ def plot(pipeline: Path, output: Path) -> None:
                                  f"name with one of {', '.join(plotting.SUFFIXES)}", param_hint="'-o'")
     graph = build_graph(pipeline)
     plotting.write(graph, output)
+    if as_json:
+        click.echo(json.dumps({"output": str(output), "steps": len(graph.steps)}))
+        return
     click.echo(f"wrote {output} ({len(graph.steps)} steps)")
 
 
@@ -278,107 +291,32 @@ def report(pipeline: Path, run_id: str | None, output: Path) -> None:
 @click.option("--cron", "expression", metavar='"MIN HOUR DOM MON DOW"',
               help="When to run, as a cron expression [default: schedule: in nbflow.yaml].")
 @click.option("--install", is_flag=True, help="Add the line to your crontab (replacing this pipeline's old line).")
-def schedule(pipeline: Path, expression: str | None, install: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def schedule(pipeline: Path, expression: str | None, install: bool, as_json: bool) -> None:
     """Print (or --install) the crontab line that runs PIPELINE on a schedule."""
-    import datetime as dt  # noqa: PLC0415
+    from .api import schedule as make_schedule  # noqa: PLC0415
+    from .schedule import EXAMPLES, BadCronExpression  # noqa: PLC0415
 
-    from croniter import croniter  # noqa: PLC0415
-
-    from .graph import STATE_DIR, build_graph  # noqa: PLC0415
-
-    graph = build_graph(pipeline)
-    source = "--cron"
-    if expression is None:
-        source = f"'schedule:' in {graph.root / 'nbflow.yaml'}"
-        expression = graph.config.schedule
-        if not expression:
-            raise PipelineError(f'no schedule for {graph.root}: give one with --cron "0 6 * * *" or set '
-                                f"`schedule: \"0 6 * * *\"` in {graph.root / 'nbflow.yaml'}")
-    expression = " ".join(expression.split())
-    fields = len(expression.split())
     try:
-        if not expression.startswith("@") and fields != 5:
-            raise ValueError(f"cron needs exactly 5 fields, this has {fields}")
-        times = croniter(expression, dt.datetime.now().astimezone())
-        upcoming = [times.get_next(dt.datetime) for _ in range(3)]
-    except ValueError as e:  # croniter's errors are ValueErrors
-        reason = "it never fires" if "failed to find next date" in str(e) else str(e)
-        message = (f"{expression!r} is not a usable cron expression: {reason}; write 5 fields, minute hour "
-                   'day-of-month month day-of-week, e.g. "0 6 * * *" for 06:00 every day, "30 */2 * * 1-5" for '
-                   "every 2 hours on weekdays")
-        if source == "--cron":
-            raise click.BadParameter(message, param_hint="'--cron'") from None
-        raise PipelineError(f"{source}: {message}") from None
-    (graph.root / STATE_DIR).mkdir(exist_ok=True)  # the log's folder must exist before cron's first run
-    line = _cron_line(expression, graph.root, graph.root / STATE_DIR / "cron.log")
-    click.echo(line)
+        planned = make_schedule(pipeline, expression, install=install)
+    except BadCronExpression as e:
+        if e.source != "--cron":
+            raise
+        raise click.BadParameter(f"{e.expression!r} is not a usable cron expression: {e.reason}; {EXAMPLES}",
+                                 param_hint="'--cron'") from None
+    if as_json:
+        click.echo(json.dumps(planned.to_json()))
+        return
+    click.echo(planned.line)
     click.echo("next runs:")
-    for when in upcoming:
+    for when in planned.upcoming:
         click.echo(f"  {when:%Y-%m-%d %H:%M %a %Z}")
     if install:
-        _install_cron_line(line, _cron_marker(graph.root))
         click.echo("installed in your crontab (see it with `crontab -l`)")
-        warning = _no_cron_daemon()
-        if warning:
-            click.echo(warning, err=True)
+        if planned.warning:
+            click.echo(planned.warning, err=True)
     else:
         click.echo("add it with `crontab -e`, or run this command again with --install")
-
-
-def _cron_marker(root: Path) -> str:
-    return f"# nbflow schedule {root}"
-
-
-def _cron_line(expression: str, root: Path, log: Path) -> str:
-    import os  # noqa: PLC0415
-    import shlex  # noqa: PLC0415
-    import shutil  # noqa: PLC0415
-
-    script = Path(sys.executable).parent / "nbflow"
-    found = shutil.which("nbflow")
-    if script.exists():
-        command = shlex.quote(str(script))
-    elif found:
-        command = shlex.quote(os.path.abspath(found))
-    else:
-        command = f"{shlex.quote(sys.executable)} -m nbflow.cli"
-    line = (f"{expression} cd {shlex.quote(str(root.parent))} && {command} run {shlex.quote(str(root))} "
-            f">> {shlex.quote(str(log))} 2>&1 {_cron_marker(root)}")
-    return line.replace("%", "\\%")  # cron turns a bare % in the command into a newline
-
-
-def _install_cron_line(line: str, marker: str) -> None:
-    import shutil  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-
-    if shutil.which("crontab") is None:
-        raise NbflowError("cannot install: there is no `crontab` program on this machine; install cron "
-                          "(Debian/Ubuntu: apt-get install cron; Fedora/RHEL: dnf install cronie), or add the line "
-                          "above to your scheduler yourself")
-    current = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
-    if current.returncode != 0 and "no crontab" not in current.stderr.lower():
-        raise NbflowError(f"cannot read your crontab (`crontab -l` said: {current.stderr.strip()}); "
-                          "add the line above with `crontab -e`")
-    kept = [ln for ln in (current.stdout if current.returncode == 0 else "").splitlines()
-            if not ln.rstrip().endswith(marker.replace("%", "\\%"))]
-    written = subprocess.run(["crontab", "-"], input="\n".join(kept + [line]) + "\n", capture_output=True,
-                             text=True)
-    if written.returncode != 0:
-        raise NbflowError(f"cannot write your crontab (`crontab -` said: {written.stderr.strip()}); "
-                          "add the line above with `crontab -e`")
-
-
-def _no_cron_daemon() -> str | None:
-    """A warning when, on Linux, no cron daemon runs: the line would then never fire."""
-    if not sys.platform.startswith("linux"):
-        return None  # macOS starts cron on demand
-    import psutil  # noqa: PLC0415
-
-    daemons = {"cron", "crond", "cronie", "fcron", "busybox crond"}
-    if any((p.info.get("name") or "") in daemons for p in psutil.process_iter(["name"])):
-        return None
-    return ("warning: no cron daemon is running on this machine, so the line will not fire until one does; "
-            "start it (e.g. `service cron start`) or enable it at boot")
 
 
 if __name__ == "__main__":

@@ -245,16 +245,34 @@ class Ledger:
         return result
 
     def lineage(self, rel_path: str) -> dict[str, Any] | None:
+        """The newest successful step run that wrote `rel_path`: run, step, parameters, sha256, inputs."""
         row = self.conn.execute(
-            "SELECT s.id, s.run_id, s.step, s.finished_at, f.sha256 FROM files f "
+            "SELECT s.id, s.run_id, s.step, s.finished_at, f.sha256, s.parameters FROM files f "
             "JOIN step_runs s ON s.id=f.step_run_id "
             "WHERE f.path=? AND f.role='output' AND s.status='succeeded' ORDER BY s.finished_at DESC LIMIT 1",
             (rel_path,)).fetchone()
         if row is None:
             return None
         inputs = [dict(zip(("label", "path", "sha256"), f)) for f in self.conn.execute(
-            "SELECT label, path, sha256 FROM files WHERE step_run_id=? AND role='input'", (row[0],))]
-        return {"run_id": row[1], "step": row[2], "finished_at": row[3], "sha256": row[4], "inputs": inputs}
+            "SELECT label, path, sha256 FROM files WHERE step_run_id=? AND role='input'", (row[0],)).fetchall()]
+        return {"run_id": row[1], "step": row[2], "finished_at": row[3], "sha256": row[4],
+                "parameters": json.loads(row[5] or "{}"), "inputs": inputs}
+
+    def find_run(self, wanted: str | None) -> str:
+        """The run id that `wanted` names: "latest" (or None), or a unique prefix of an id."""
+        from .errors import CommandError, did_you_mean  # noqa: PLC0415
+
+        ids = [r[0] for r in self.conn.execute("SELECT run_id FROM runs ORDER BY started_at DESC").fetchall()]
+        if not ids:
+            raise CommandError(f"no runs recorded yet in {self.path}; run the pipeline first")
+        if wanted in (None, "", "latest"):
+            return ids[0]
+        matches = [i for i in ids if i.startswith(wanted)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise CommandError(f"{wanted!r} matches {len(matches)} runs; give more of the id")
+        raise CommandError(f"no run {wanted!r}{did_you_mean(wanted, ids)}; see `nbflow history {self.root}`")
 
     # -- writes ------------------------------------------------------------------
     def mark_interrupted(self) -> list[str]:

@@ -240,5 +240,38 @@ def test_history_of_a_pipeline_never_run_is_empty(fixture_pipeline):
     root = fixture_pipeline("diamond")
     proc = cli("history", str(root))
     assert proc.returncode == 0 and proc.stdout == "no runs yet\n"
-    assert json.loads(cli("history", str(root), "--json").stdout) == {"runs": []}
+    assert json.loads(cli("history", str(root), "--json").stdout) == {"runs": [], "folded": 0}
     assert not (root / "_nbflow").exists()
+
+
+def test_lineage_follows_the_chain_back_to_source_data_with_parameters(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    assert cli("run", str(root), "-p", "a.scale=3").returncode == 0
+    info = json.loads(cli("lineage", str(root), str(root / "data" / "d.txt"), "--json").stdout)
+    assert info["step"] == "d" and info["current_matches"] is True
+    made_by = {i["path"]: i["made_by"] for i in info["inputs"]}
+    b = made_by["data/b.txt"]
+    assert b["step"] == "b"
+    a = {i["path"]: i["made_by"] for i in b["inputs"]}["data/a.txt"]
+    assert a["step"] == "a" and a["parameters"] == {"scale": 3}
+    assert {i["path"]: i["made_by"] for i in a["inputs"]}["data/seed.txt"] is None  # source data
+    text = cli("lineage", str(root), str(root / "data" / "d.txt")).stdout
+    assert "made by step 'a' in run" in text and "with scale=3" in text and "data/seed.txt" in text
+    assert "(source data)" in text
+
+
+def test_show_and_history_give_parameters_and_fold_idle_runs(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    assert cli("run", str(root), "-p", "a.scale=3").returncode == 0
+    assert cli("run", str(root), "-p", "a.scale=3").returncode == 0  # nothing runs: folded in history
+    shown = cli("show", str(root)).stdout  # the latest run by default
+    assert "parameters: scale=3" not in shown  # the idle run: every step skipped
+    history = cli("history", str(root)).stdout.splitlines()
+    assert len(history) == 2 and "a.scale=3" in history[0]
+    assert history[1] == "(and 1 run(s) where every step was fresh among the last 2; --all shows them)"
+    assert len(cli("history", str(root), "--all").stdout.splitlines()) == 2
+    full = json.loads(cli("history", str(root), "--json").stdout)
+    first = full["runs"][0]["run_id"]
+    assert full["folded"] == 1 and len(full["runs"]) == 1
+    assert "      parameters: scale=3" in cli("show", str(root), first).stdout
+

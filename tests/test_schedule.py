@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import shlex
 import stat
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ def test_prints_the_crontab_line_and_the_next_three_runs(fixture_pipeline):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     nbflow = Path(sys.executable).parent / "nbflow"
-    assert lines[0] == (f"0 6 * * * cd {root.parent} && {nbflow} run {root} >> {root}/_nbflow/cron.log 2>&1 "
-                        f"# nbflow schedule {root}")
+    path = shlex.quote(os.environ["PATH"])  # cron's bare PATH would not find what the notebooks call
+    assert lines[0] == (f"0 6 * * * cd {root.parent} && PATH={path} {nbflow} run {root} >> {root}/_nbflow/cron.log "
+                        f"2>&1 # nbflow schedule {root}")
     assert (root / "_nbflow").is_dir()  # where cron's first run appends its log
     assert lines[1] == "next runs:"
     times = [dt.datetime.strptime(line.split()[0] + " " + line.split()[1], "%Y-%m-%d %H:%M") for line in lines[2:5]]
@@ -106,5 +108,18 @@ def test_install_without_crontab_says_how_to_get_cron(fixture_pipeline, tmp_path
     root = fixture_pipeline("diamond")
     result = schedule(str(root), "--cron", "0 6 * * *", "--install", env={"PATH": str(tmp_path)})
     assert result.exit_code == 1
-    assert result.output.startswith("0 6 * * * cd ")  # the line is still printed, to add by hand
+    assert "\n0 6 * * * cd " in result.output  # the line is still printed, to add by hand
     assert "no `crontab` program" in result.output and "apt-get install cron" in result.output
+
+
+def test_the_line_runs_the_pipeline_in_cron_s_bare_environment(fixture_pipeline):
+    """cron starts commands with almost no environment: the line must carry what the run needs."""
+    import subprocess
+
+    root = fixture_pipeline("diamond")
+    line = schedule(str(root), "--cron", "* * * * *").output.splitlines()[0]
+    command = line.split(" ", 5)[5].rsplit(" # nbflow schedule", 1)[0].replace("\\%", "%")
+    proc = subprocess.run(["env", "-i", "/bin/sh", "-c", command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + (root / "_nbflow" / "cron.log").read_text()
+    assert (root / "data" / "d.txt").read_text() == "43|c42"
+    assert "succeeded" in (root / "_nbflow" / "cron.log").read_text()
