@@ -46,7 +46,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,6 +54,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 
 __all__ = [
+    "FORKSERVER_FOLDER_PREFIX",
     "KERNEL_MODULES",
     "ForkServer",
     "ForkServerError",
@@ -107,6 +107,9 @@ _BOOTSTRAP = (
 )
 
 _PR_SET_PDEATHSIG = 1
+
+#: Prefix of the private folder (in the temp folder) of each fork server's socket.
+FORKSERVER_FOLDER_PREFIX = "nbflow-forkserver-"
 
 
 class ForkServerError(Exception):
@@ -227,7 +230,7 @@ class ForkServer:
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
-        self._directory: str | None = None
+        self._directory: tuple[str, int] | None = None  # (path, holder fd) of the socket's folder
         self._socket_path: str | None = None
         self._interpreter_env: dict[str, str] = {}
         self._closed = False
@@ -313,11 +316,18 @@ class ForkServer:
                     process.kill()
                     process.wait()
             if self._directory is not None:
-                shutil.rmtree(self._directory, ignore_errors=True)
+                from nbflow.reaper import release_folder
+
+                release_folder(*self._directory)
                 self._directory = None
 
     def _spawn(self) -> None:
-        directory = tempfile.mkdtemp(prefix="nbflow-forkserver-")  # mode 0700: only we can connect
+        # Driver side only: the server process never imports nbflow.
+        from nbflow.reaper import private_folder, release_folder
+
+        # Mode 0700: only we can connect. Removed by shutdown() or by the server when it exits, or
+        # (when both were killed) by the next nbflow that starts a fork server.
+        directory, holder = private_folder(FORKSERVER_FOLDER_PREFIX)
         socket_path = os.path.join(directory, "socket")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -334,11 +344,11 @@ class ForkServer:
                 start_new_session=True,  # Ctrl-C in a terminal is for the driver, not the server
             )
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+            release_folder(directory, holder)
             raise
         finally:
             listener.close()
-        self._directory = directory
+        self._directory = (directory, holder)
         self._socket_path = socket_path
         self._interpreter_env = interpreter_env(env)
         atexit.register(self.shutdown)

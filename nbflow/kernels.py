@@ -10,7 +10,10 @@ This module owns
   ``AsyncKernelManager`` kernel otherwise or when forking fails;
 - :class:`StartedKernel`, whose :meth:`~StartedKernel.stop` kills the kernel's
   whole process group at once;
-- :class:`KernelPool`, which starts kernels ahead of time for steps about to run.
+- :class:`KernelPool`, which starts kernels ahead of time for steps about to run;
+- the private folder of the kernels' connection files (with their HMAC keys)
+  and socket files: one per pool, removed when the pool closes, and removed by
+  the next nbflow when this one was killed (:func:`nbflow.reaper.private_folder`).
 
 It never executes notebook cells (the executor drives nbclient with
 ``StartedKernel.km`` / ``.kc``), never reuses a kernel for a second step, and
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORKSERVER_ENV",
+    "KERNELS_FOLDER_PREFIX",
     "KernelPool",
     "KernelRequest",
     "KernelStartError",
@@ -144,7 +148,7 @@ async def start_kernel(request: KernelRequest, *, use_forkserver: bool = True) -
     """
     disabled = _forkserver_disabled_reason(use_forkserver)
     server = None if disabled else _shared_fork_server()
-    return await _start(request, server, disabled)
+    return await _start(request, server, disabled, _process_folder())
 
 
 class KernelPool:
@@ -160,6 +164,7 @@ class KernelPool:
         self._use_forkserver = use_forkserver
         self._fork_server: ForkServer | None = None
         self._prestarted: dict[str, tuple[KernelRequest, asyncio.Task[StartedKernel]]] = {}
+        self._folder: tuple[str, int] | None = None  # (path, holder fd) of its kernels' files
         self._closed = False
 
     def prestart(self, key: str, request: KernelRequest) -> None:
@@ -190,7 +195,7 @@ class KernelPool:
         return await self._start(request)
 
     async def close(self) -> None:
-        """Stop every kernel started ahead of time and not acquired; shut down the fork server.
+        """Stop every kernel started ahead of time and not acquired; shut down the fork server; remove the files.
 
         Shutting down the fork server kills the kernels it forked, so a kernel
         acquired from this pool and not stopped yet does not outlive the pool either.
@@ -200,6 +205,11 @@ class KernelPool:
         await asyncio.gather(*(_discard_start(task) for _, task in prestarted.values()))
         if self._fork_server is not None:
             self._fork_server.shutdown()
+        if self._folder is not None:
+            from nbflow.reaper import release_folder
+
+            release_folder(*self._folder)
+            self._folder = None
 
     async def _start(self, request: KernelRequest) -> StartedKernel:
         disabled = _forkserver_disabled_reason(self._use_forkserver)
@@ -207,7 +217,11 @@ class KernelPool:
             from nbflow.forkserver import ForkServer
 
             self._fork_server = ForkServer()
-        return await _start(request, None if disabled else self._fork_server, disabled)
+        if self._folder is None:
+            from nbflow.reaper import private_folder
+
+            self._folder = private_folder(KERNELS_FOLDER_PREFIX)
+        return await _start(request, None if disabled else self._fork_server, disabled, self._folder[0])
 
 
 # --------------------------------------------------------------------------
@@ -237,7 +251,9 @@ def _forkserver_disabled_reason(use_forkserver: bool) -> str | None:
     return None
 
 
-async def _start(request: KernelRequest, server: ForkServer | None, fallback_reason: str | None) -> StartedKernel:
+async def _start(
+    request: KernelRequest, server: ForkServer | None, fallback_reason: str | None, folder: str
+) -> StartedKernel:
     name = request.kernel_name
     spec = _kernel_spec(name)
     cwd = os.path.abspath(request.cwd)
@@ -250,12 +266,12 @@ async def _start(request: KernelRequest, server: ForkServer | None, fallback_rea
             from nbflow.forkserver import ForkServerError
 
             try:
-                return await _launch(name, cwd, env, server, None)
+                return await _launch(name, cwd, env, server, None, folder)
             except ForkServerError as error:
                 fallback_reason = error.reason
             except KernelStartError as error:
                 fallback_reason = f"the forked kernel failed to start: {error.message}"
-    return await _launch(name, cwd, env, None, fallback_reason)
+    return await _launch(name, cwd, env, None, fallback_reason, folder)
 
 
 def _kernel_spec(kernel_name: str) -> KernelSpec:
@@ -290,21 +306,29 @@ def _unforkable_reason(spec: KernelSpec) -> str | None:
 
 
 async def _launch(
-    kernel_name: str, cwd: str, env: dict[str, str], server: ForkServer | None, fallback_reason: str | None
+    kernel_name: str,
+    cwd: str,
+    env: dict[str, str],
+    server: ForkServer | None,
+    fallback_reason: str | None,
+    folder: str,
 ) -> StartedKernel:
     import zmq
     from jupyter_client.manager import AsyncKernelManager
 
     km = AsyncKernelManager(kernel_name=kernel_name)
+    km.kernel_id = km.kernel_id or _new_kernel_id()
     # Unix sockets instead of TCP: no free-port search (so no port races between parallel starts), and
-    # no "running over TCP without encryption" warning from every kernel. The socket files live in a
-    # private folder, not in the notebook's folder (jupyter_client's default).
+    # no "running over TCP without encryption" warning from every kernel. The socket files and the
+    # connection file live in a private folder, not in the notebook's folder (jupyter_client's default
+    # for sockets) nor loose in the temp folder (its default for connection files), so that what a
+    # killed nbflow leaves is removed as one folder by the next one.
     km.transport = "ipc"
-    km.ip = os.path.join(_ipc_folder(), km.kernel_id or _new_kernel_id())
+    km.ip = os.path.join(folder, km.kernel_id)
+    km.connection_file = os.path.join(folder, f"kernel-{km.kernel_id}.json")
     if server is not None:
         from nbflow.forkserver import ForkServerProvisioner
 
-        km.kernel_id = km.kernel_id or _new_kernel_id()
         provisioner = ForkServerProvisioner(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
         provisioner.fork_server = server
         km.provisioner = provisioner
@@ -331,20 +355,23 @@ async def _launch(
     )
 
 
-_IPC_FOLDER: str | None = None
+#: Prefix of the private folders (in the temp folder) that hold the kernels' connection and socket files.
+KERNELS_FOLDER_PREFIX = "nbflow-kernels-"
+
+_process_folder_path: str | None = None
 
 
-def _ipc_folder() -> str:
-    """A private folder for the kernels' socket files, removed when the interpreter exits."""
-    global _IPC_FOLDER
-    if _IPC_FOLDER is None or not os.path.isdir(_IPC_FOLDER):
+def _process_folder() -> str:
+    """The private folder of the kernels :func:`start_kernel` starts, removed when the interpreter exits."""
+    global _process_folder_path
+    if _process_folder_path is None or not os.path.isdir(_process_folder_path):
         import atexit
-        import shutil
-        import tempfile
 
-        _IPC_FOLDER = tempfile.mkdtemp(prefix="nbflow-kernels-")
-        atexit.register(shutil.rmtree, _IPC_FOLDER, True)
-    return _IPC_FOLDER
+        from nbflow.reaper import private_folder, release_folder
+
+        _process_folder_path, holder = private_folder(KERNELS_FOLDER_PREFIX)
+        atexit.register(release_folder, _process_folder_path, holder)
+    return _process_folder_path
 
 
 def _new_kernel_id() -> str:

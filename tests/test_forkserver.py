@@ -171,7 +171,7 @@ DRIVER = textwrap.dedent(
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
                 break
         facts = {"mode": started.mode, "server": pool._fork_server.pid, "kernel": started.pid,
-                 "sleeper": int(msg["content"]["text"]), "directory": pool._fork_server._directory}
+                 "sleeper": int(msg["content"]["text"]), "directory": pool._fork_server._directory[0]}
         print(json.dumps(facts), flush=True)
         await asyncio.sleep(100)
 

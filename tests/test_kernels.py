@@ -6,7 +6,11 @@ import asyncio
 import json
 import os
 import pickle
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from nbflow.kernels import (
 )
 
 MODES = [pytest.param(True, id="forkserver"), pytest.param(False, id="ordinary")]
+REPO = Path(__file__).resolve().parent.parent
 
 
 # -- helpers ------------------------------------------------------------------
@@ -333,3 +338,56 @@ def test_pool_without_forkserver_starts_ordinary_kernels(tmp_path: Path) -> None
         assert pool._fork_server is None
 
     asyncio.run(main())
+
+
+# -- files in the temp folder ------------------------------------------------------------
+
+
+LEAVE_A_FOLDER_AND_DIE = (
+    "import os, signal, sys\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "from nbflow.reaper import private_folder\n"
+    "folder, _ = private_folder(sys.argv[2])\n"
+    "open(os.path.join(folder, 'kernel-1.json'), 'w').write('{\"key\": \"a-hmac-key\"}')\n"
+    "print(folder, flush=True)\n"
+    "os.kill(os.getpid(), signal.SIGKILL)\n"
+)
+
+
+@pytest.mark.parametrize("use_forkserver", MODES)
+def test_a_pool_removes_what_a_killed_nbflow_left_in_the_temp_folder_and_its_own_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_forkserver: bool
+) -> None:
+    temp = Path(tempfile.mkdtemp(prefix="nbflow-test-"))  # short: socket paths inside stay < 108 bytes
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    left = []
+    for prefix in (kernels.KERNELS_FOLDER_PREFIX, forkserver.FORKSERVER_FOLDER_PREFIX):
+        died = subprocess.run([sys.executable, "-c", LEAVE_A_FOLDER_AND_DIE, str(REPO), prefix],
+                              capture_output=True, text=True, check=False, env={**os.environ, "TMPDIR": str(temp)})
+        assert died.returncode == -signal.SIGKILL
+        left.append(Path(died.stdout.strip()))
+    assert all(folder.is_dir() for folder in left)
+
+    async def main() -> tuple[str, str]:
+        pool = KernelPool(max_prestarted=1, use_forkserver=use_forkserver)
+        try:
+            started = await pool.acquire("a", request(tmp_path))
+            try:
+                assert not left[0].exists()  # removed when this pool made its own folder
+                connection_file = started.km.connection_file
+                assert Path(connection_file).parent.parent == temp  # in the pool's folder, not loose in temp
+                assert await execute(started, "print(6 * 7)") == "42\n"
+            finally:
+                await started.stop()
+        finally:
+            await pool.close()
+        return connection_file, started.mode
+
+    try:
+        connection_file, mode = asyncio.run(main())
+        assert mode == ("forkserver" if use_forkserver else "ordinary")
+        assert not os.path.exists(Path(connection_file).parent)  # the pool's own folder, removed by close()
+        # a fork server's folder of the killed nbflow is removed when this pool's fork server makes its own
+        assert sorted(temp.iterdir()) == ([] if use_forkserver else [left[1]])
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

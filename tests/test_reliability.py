@@ -18,6 +18,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -156,6 +157,21 @@ def text_of(cell) -> str:
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.ipynb")
             if "_nbflow" not in p.parts}
+
+
+@pytest.fixture
+def private_tempdir(monkeypatch):
+    """A temp folder of the test's own for nbflow and the processes it starts (TMPDIR).
+
+    Short, unlike tmp_path: the kernels' Unix socket paths inside it must stay under 108 bytes.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="nbflow-test-"))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    yield folder
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -374,7 +390,7 @@ def test_interrupt_cancels_the_run_saves_notebooks_and_leaves_no_kernel(fixture_
 # -- nbflow itself killed ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("forkserver", ["1", "0"], ids=["forkserver", "ordinary-kernels"])
-def test_nbflow_killed_mid_run_is_recovered_by_the_next_run(fixture_pipeline, forkserver):
+def test_nbflow_killed_mid_run_is_recovered_by_the_next_run(fixture_pipeline, forkserver, private_tempdir):
     root = fixture_pipeline("slow")
     first = nbflow.run(root, parameters={"sleep_s": 0}, display=False)
     assert first.ok
@@ -388,6 +404,8 @@ def test_nbflow_killed_mid_run_is_recovered_by_the_next_run(fixture_pipeline, fo
     run_id, (kernel_pid, child_pid) = wait_until_slow_step_runs(root, proc)
     proc.kill()  # kill -9 nbflow: no handler runs, nothing is cleaned up
     finish(proc, root)
+    # its kernels' connection files (with their keys) and sockets are left in the temp folder
+    assert list(private_tempdir.glob("nbflow-kernels-*/kernel-*.json"))
 
     holder = json.loads((root / "_nbflow" / "lock").read_text())  # the stale lock
     assert holder["pid"] == proc.pid and holder["run_id"] == run_id
@@ -416,6 +434,8 @@ def test_nbflow_killed_mid_run_is_recovered_by_the_next_run(fixture_pipeline, fo
     assert f"last run interrupted ({run_id})" in started.reasons
     assert (root / "table.csv").read_text() == "a,b\n1,2\n3,4\n"
     assert (root / "_nbflow" / "lock").read_text() == ""
+    # the next run removed what the killed one left in the temp folder, and its own files on the way out
+    assert sorted(p.name for p in private_tempdir.iterdir()) == []
 
 
 # -- a second run ---------------------------------------------------------------------------------------------
