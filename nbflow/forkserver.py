@@ -12,7 +12,8 @@ iteration order of a set of strings, is the same in every kernel of one server.
 This module owns
 - the server process (:func:`serve`, run in a subprocess by :class:`ForkServer`),
 - the child set-up that makes a forked kernel look like one started by
-  ``python -m ipykernel_launcher`` in the requested directory and environment,
+  ``python -m ipykernel_launcher`` in the requested directory and environment
+  (also to whoever reads its environment in /proc),
 - the driver-side handle (:class:`ForkServer`, :class:`ForkedKernel`) and the
   wire protocol between the two,
 - :class:`ForkServerProvisioner`, the jupyter_client kernel provisioner through
@@ -110,6 +111,13 @@ _PR_SET_PDEATHSIG = 1
 
 #: Prefix of the private folder (in the temp folder) of each fork server's socket.
 FORKSERVER_FOLDER_PREFIX = "nbflow-forkserver-"
+
+# What /proc/<pid>/environ shows (ps, psutil, and nbflow's reaper, which finds what a step started
+# by its NBFLOW_* variables) is the block of memory the environment had when the process was
+# exec'd: for a forked kernel, and for whatever it forks without exec, the server's. The server
+# starts with this much room in that block, and each kernel writes its own environment into it.
+_ENVIRON_ROOM_NAME = "NBFLOW_FORKSERVER_ENVIRON_ROOM"
+_ENVIRON_ROOM = 32 * 1024
 
 
 class ForkServerError(Exception):
@@ -339,7 +347,7 @@ class ForkServer:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", _BOOTSTRAP, os.path.abspath(__file__), str(listener.fileno())],
                 stdin=subprocess.PIPE,  # the server exits when this pipe closes
-                env=env,
+                env={**env, _ENVIRON_ROOM_NAME: " " * _ENVIRON_ROOM},
                 pass_fds=(listener.fileno(),),
                 start_new_session=True,  # Ctrl-C in a terminal is for the driver, not the server
             )
@@ -704,6 +712,7 @@ def _prepare_process(cwd: str, env: Mapping[str, str], base_path: list[str]) -> 
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    _show_environ(env)
     time.tzset()
     # As ipykernel_launcher leaves it; IPython then inserts '' (the cwd) before
     # site-packages, exactly as in an ordinary kernel.
@@ -711,6 +720,28 @@ def _prepare_process(cwd: str, env: Mapping[str, str], base_path: list[str]) -> 
     importlib.invalidate_caches()
     # ``random`` reseeds itself in a forked child (os.register_at_fork); numpy
     # and other user-level libraries are never imported by the server.
+
+
+def _show_environ(env: Mapping[str, str]) -> None:
+    """Write ``env`` over the environment block this process was started with (what /proc shows).
+
+    Safe once ``os.environ`` has been replaced: the C environment then holds
+    copies, nothing points into the old block any more (setproctitle reuses it
+    the same way). An environment larger than the block is left unshown.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end: fields 50 and 51 in proc(5)
+    except (OSError, IndexError, ValueError):
+        return
+    block = b"".join(os.fsencode(name) + b"=" + os.fsencode(value) + b"\0" for name, value in env.items())
+    if 0 < start < end and len(block) <= end - start:
+        ctypes.memmove(start, block.ljust(end - start, b"\0"), end - start)
 
 
 def _run_kernel_app(argv: list[str], *, parent_pid: int) -> Any:

@@ -714,25 +714,13 @@ def reap_orphans(root: Path, run_ids: list[str]) -> list[int]:
     """Kill what the kernels of runs whose nbflow died left running; returns the pids killed.
 
     A kernel and everything it starts inherit NBFLOW_RUN_ID and NBFLOW_PIPELINE
-    from the run, so they are found by their environment: no pid recorded
-    earlier can have been reused by an unrelated process.
+    from the run, so they are found by their environment (`nbflow.reaper`, as
+    at the end of every step): no pid recorded earlier can have been reused by
+    an unrelated process.
     """
-    import psutil  # noqa: PLC0415 - only after a run was interrupted
+    from .reaper import kill_processes  # noqa: PLC0415
 
-    wanted = set(run_ids)
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    killed = []
-    for proc in psutil.process_iter():
-        if proc.pid in mine:
-            continue
-        try:
-            env = proc.environ()
-            if env.get("NBFLOW_RUN_ID") in wanted and env.get("NBFLOW_PIPELINE") == str(root):
-                proc.kill()
-                killed.append(proc.pid)
-        except (psutil.Error, OSError):
-            continue
-    return killed
+    return kill_processes([{"NBFLOW_RUN_ID": run_id, "NBFLOW_PIPELINE": str(root)} for run_id in run_ids])
 
 
 # -- the ledger as a listener -------------------------------------------------------

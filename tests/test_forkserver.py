@@ -91,6 +91,27 @@ def test_cwd_env_and_sys_path_match_an_ordinary_kernel(tmp_path: Path) -> None:
     assert forked == ordinary
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/<pid>/environ is Linux's")
+def test_proc_shows_the_environment_of_a_forked_kernel_and_of_what_it_forks(tmp_path: Path) -> None:
+    """ps and psutil, and nbflow's reaper that finds what a step started by its NBFLOW_* variables."""
+    request = KernelRequest("python3", str(tmp_path), {"NBFLOW_TEST_VALUE": "seen"})
+
+    async def main() -> None:
+        started = await start_kernel(request)
+        try:
+            assert started.mode == "forkserver"
+            environ = psutil.Process(started.pid).environ()
+            assert environ["NBFLOW_TEST_VALUE"] == "seen" and environ["JPY_PARENT_PID"] == str(os.getpid())
+            assert "NBFLOW_FORKSERVER_ENVIRON_ROOM" not in environ
+            forked = int(await execute(started, "import os, time\npid = os.fork()\n"
+                                                "if pid == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(pid)"))
+            assert psutil.Process(forked).environ()["NBFLOW_TEST_VALUE"] == "seen"  # no exec, and still
+        finally:
+            await started.stop()  # its process group, with the forked child
+
+    asyncio.run(main())
+
+
 def test_forked_kernel_is_a_separate_session_watched_by_the_server(tmp_path: Path) -> None:
     async def main() -> None:
         started = await start_kernel(KernelRequest("python3", str(tmp_path), {}))

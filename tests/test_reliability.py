@@ -339,6 +339,25 @@ def test_step_and_cell_timeouts_kill_the_kernel_and_what_it_started(fixture_pipe
     assert rows["hang_cell"]["error_kind"] == "timeout"
 
 
+@pytest.mark.parametrize("forkserver", ["1", "0"], ids=["forkserver", "ordinary-kernels"])
+def test_a_process_a_step_started_in_its_own_session_is_killed_when_the_step_ends(fixture_pipeline, monkeypatch,
+                                                                                 forkserver):
+    """In its own session (exec'd, or only forked), so not killed with the kernel's process group.
+
+    Found by the variables it inherited; a fork-server kernel shows its own in /proc, not the server's.
+    """
+    monkeypatch.setenv("NBFLOW_FORKSERVER", forkserver)
+    root = fixture_pipeline("detached_child")
+    detached = []
+    try:
+        result = nbflow.run(root, jobs=2, display=False)
+        detached = read_pids(root / "finishes.pid") + read_pids(root / "times_out.pid")
+        assert statuses(result) == {"finishes": "succeeded", "times_out": "failed"}
+        assert result.steps["times_out"].error.evalue == "timed out after 8 s in cell 3"  # after the child started
+    finally:
+        wait_gone(detached, "a process a step started in its own session", timeout=0)  # gone when the run ends
+
+
 # -- the kernel dies --------------------------------------------------------------------------------
 
 def test_a_dying_kernel_fails_the_step_with_the_last_cell_that_ran(fixture_pipeline):
