@@ -36,9 +36,21 @@ class RunStatus(str, enum.Enum):
         return self.value
 
 
+#: Bounds of the texts a StepError keeps: it reaches the ledger, --json, the log, the report, the
+#: widget and the banner of the executed notebook, which keeps the full output of the failing cell.
+MAX_EVALUE = 2_000
+MAX_TRACEBACK = 8_000
+MAX_SOURCE_LINE = 300
+
+
 @dataclass(frozen=True)
 class StepError:
-    """Why a step failed, with where: survives pickling, goes into JSON and the ledger."""
+    """Why a step failed, with where: survives pickling, goes into JSON and the ledger.
+
+    Bounded on creation: `evalue` keeps its start, `traceback` its end (the
+    kernel's traceback, not the cell's printed output), `source_line` one
+    line; each cut says so.
+    """
 
     kind: str  # "exception", "timeout", "kernel_died", "missing_output", "kernel_start", "cancelled"
     ename: str
@@ -47,6 +59,14 @@ class StepError:
     source_line: str | None = None  # the failing line of that cell, when known
     traceback: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "evalue", _head(self.evalue, MAX_EVALUE))
+        object.__setattr__(self, "traceback", _tail(self.traceback, MAX_TRACEBACK))
+        if self.source_line is not None:
+            line = (self.source_line.splitlines() or [""])[0]
+            object.__setattr__(self, "source_line", line if len(line) <= MAX_SOURCE_LINE
+                               else line[: MAX_SOURCE_LINE - 1] + "…")
+
     def summary(self) -> str:
         where = f" (cell {self.cell})" if self.cell and f"cell {self.cell}" not in self.evalue else ""
         return f"{self.ename}: {self.evalue}{where}" if self.evalue else f"{self.ename}{where}"
@@ -54,6 +74,22 @@ class StepError:
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "ename": self.ename, "evalue": self.evalue, "cell": self.cell,
                 "source_line": self.source_line, "message": self.summary()}
+
+
+def _head(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    note = " [... {:,} more characters cut; the executed notebook has all of them]"
+    keep = limit - len(note.format(len(text)))
+    return text[:keep] + note.format(len(text) - keep)
+
+
+def _tail(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    note = "[{:,} characters cut here; the executed notebook has the full output]\n"
+    keep = limit - len(note.format(len(text)))
+    return note.format(len(text) - keep) + text[-keep:]
 
 
 @dataclass(frozen=True)

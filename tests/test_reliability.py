@@ -32,11 +32,14 @@ import nbflow
 from nbflow.cli import main as cli_main
 from nbflow.errors import StateError
 from nbflow.events import (
+    MAX_EVALUE,
+    MAX_TRACEBACK,
     CellFinished,
     RunFinished,
     RunResult,
     RunStarted,
     RunStatus,
+    StepError,
     StepFailed,
     StepNotRun,
     StepStarted,
@@ -254,6 +257,53 @@ def test_cell_raises_is_reported_in_json_with_exit_code_1(fixture_pipeline):
         "source_line": 'raise ValueError(f"bad row {numbers[1]}")', "message": "ValueError: bad row 2 (cell 4)"}
     assert steps["report"]["status"] == "not_run" and steps["report"]["error"] is None
     assert steps["sidecar"]["status"] == steps["extract"]["status"] == "succeeded"
+
+
+def test_a_failing_cell_that_printed_30_mb_leaves_a_small_ledger_and_bounded_errors(fixture_pipeline):
+    root = fixture_pipeline("loud_failure")
+    result = cli("run", root, "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["steps"][0]["error"]
+    assert error == {"kind": "exception", "ename": "ValueError", "evalue": "failed after printing 30 MB", "cell": 2,
+                     "source_line": 'raise ValueError(f"failed after printing {megabytes} MB")',
+                     "message": "ValueError: failed after printing 30 MB (cell 2)"}
+    assert len(result.stdout) < 2_000
+
+    ledger = root / "_nbflow" / "history.sqlite"
+    assert ledger.stat().st_size < 1_000_000  # was 31 MB: the error held everything the cell printed
+    row = step_rows(root, json.loads(result.stdout)["run_id"])[0]
+    assert row["error_value"] == "failed after printing 30 MB"
+    assert "xxxxxxxxxx" not in row["error_traceback"]  # the kernel's traceback, not the cell's output
+    assert row["error_traceback"].rstrip().endswith("ValueError: failed after printing 30 MB")
+    assert "----> 2 raise ValueError" in row["error_traceback"]
+    shown = cli("show", root, "latest")
+    assert shown.exit_code == 0 and len(shown.stdout) < 2_000
+    report = root.parent / "report.html"
+    assert cli("report", root, "-o", report).exit_code == 0
+    assert report.stat().st_size < 1_000_000
+
+    nb = executed_notebook(root, row["notebook"])  # all of it is kept where it belongs
+    failing = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("print("))
+    printed = "".join(o.text for o in failing.outputs if o.output_type == "stream")
+    assert printed == "x" * 30_000_000 + "\n"
+    assert [o.evalue for o in failing.outputs if o.output_type == "error"] == ["failed after printing 30 MB"]
+
+
+def test_a_step_error_is_bounded_and_says_where_the_rest_is():
+    huge = StepError("exception", "ValueError", "v" * 30_000_000, 2, "line one\n" + "w" * 1_000,
+                     "t" * 30_000_000 + "\nValueError: the end")
+    assert len(huge.evalue) <= MAX_EVALUE and huge.evalue.startswith("v" * 1_000)
+    assert huge.evalue.endswith("more characters cut; the executed notebook has all of them]")
+    assert len(huge.traceback) <= MAX_TRACEBACK and huge.traceback.endswith("\nValueError: the end")
+    assert huge.traceback.startswith("[") and "characters cut here; the executed notebook has the full output]\n" \
+        in huge.traceback
+    assert huge.source_line == "line one"
+    assert len(huge.summary()) < MAX_EVALUE + 100 and len(json.dumps(huge.to_json())) < 2 * MAX_EVALUE + 500
+    again = StepError(huge.kind, huge.ename, huge.evalue, huge.cell, huge.source_line, huge.traceback)
+    assert again == huge  # bounding what is bounded changes nothing (the report rebuilds errors from the ledger)
+    long_line = StepError("exception", "E", "", source_line="z" * 1_000).source_line
+    assert long_line is not None and len(long_line) == 300 and long_line.endswith("…")
+
 
 
 def test_fail_fast_starts_no_new_step_after_a_failure(tmp_path, notebook_factory):

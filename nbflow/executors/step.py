@@ -2,7 +2,8 @@
 
 Owns: driving the cells one by one (`cells.CellRunner`, emitting CellStarted/CellFinished), the
 step timeout, cancellation, turning every way a step can end (exception, cell
-timeout, step timeout, dead kernel, missing output, cancel) into a StepOutcome,
+timeout, step timeout, dead kernel, missing output, cancel) into a StepOutcome
+whose error holds the kernel's traceback (not the cell's printed output),
 always saving the executed notebook before the kernel is stopped, and then
 killing whatever the step started that still runs (found by the environment it
 inherited: `nbflow.reaper`), so nothing of a step outlives it. Shared by every
@@ -99,7 +100,11 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
                           _first_line(nb, current))
     except CellExecutionError as e:
         status = StepStatus.FAILED
-        tb = _ANSI.sub("", e.traceback or "")
+        # The kernel's traceback, from the cell's error output. e.traceback (nbclient's message) holds
+        # everything the cell printed as well (30 MB, once): only when the error output went elsewhere
+        # (into an Output widget) is it used, and then StepError keeps its end.
+        kernel_tb = _kernel_traceback(nb["cells"][current]) if current is not None else ""
+        tb = _ANSI.sub("", kernel_tb or e.traceback)
         error = StepError("exception", e.ename or "Error", _ANSI.sub("", e.evalue or ""), number(current),
                           _failing_line(nb, current, tb), tb)
     except DeadKernelError:
@@ -194,6 +199,14 @@ async def _stop_and_reap(kernel: StartedKernel, env: dict[str, str]) -> None:
         from ..reaper import kill_processes  # noqa: PLC0415
 
         await asyncio.get_running_loop().run_in_executor(None, kill_processes, [identity])
+
+
+def _kernel_traceback(cell: dict) -> str:
+    """The traceback of the cell's error output: what the kernel reported, without what the cell printed."""
+    for output in reversed(cell.get("outputs", [])):
+        if output.get("output_type") == "error":
+            return "\n".join(output.get("traceback") or [f"{output.get('ename')}: {output.get('evalue')}"])
+    return ""
 
 
 def _first_line(nb, i: int | None) -> str | None:
