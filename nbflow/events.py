@@ -8,7 +8,7 @@ Listeners (widget, terminal, ledger, alerts) receive these and nothing else.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable
 
 
@@ -41,6 +41,8 @@ class RunStatus(str, enum.Enum):
 MAX_EVALUE = 2_000
 MAX_TRACEBACK = 8_000
 MAX_SOURCE_LINE = 300
+#: What a known secret is replaced with.
+MASK = "***"
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class StepError:
 
     Bounded on creation: `evalue` keeps its start, `traceback` its end (the
     kernel's traceback, not the cell's printed output), `source_line` one
-    line; each cut says so.
+    line; each cut says so. Values given as `secrets` are replaced by ***
+    before anything is cut, so no part of one survives a cut.
     """
 
     kind: str  # "exception", "timeout", "kernel_died", "missing_output", "kernel_start", "cancelled"
@@ -58,12 +61,20 @@ class StepError:
     cell: int | None = None  # 1-based cell number in the source notebook
     source_line: str | None = None  # the failing line of that cell, when known
     traceback: str = ""
+    secrets: InitVar[tuple[str, ...]] = ()  # values to mask; not kept
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "evalue", _head(self.evalue, MAX_EVALUE))
-        object.__setattr__(self, "traceback", _tail(self.traceback, MAX_TRACEBACK))
+    def __post_init__(self, secrets: tuple[str, ...]) -> None:
+        longest_first = sorted(filter(None, secrets), key=len, reverse=True)  # one inside another: longer first
+
+        def masked(text: str) -> str:
+            for secret in longest_first:
+                text = text.replace(secret, MASK)
+            return text
+
+        object.__setattr__(self, "evalue", _head(masked(self.evalue), MAX_EVALUE))
+        object.__setattr__(self, "traceback", _tail(masked(self.traceback), MAX_TRACEBACK))
         if self.source_line is not None:
-            line = (self.source_line.splitlines() or [""])[0]
+            line = (masked(self.source_line).splitlines() or [""])[0]
             object.__setattr__(self, "source_line", line if len(line) <= MAX_SOURCE_LINE
                                else line[: MAX_SOURCE_LINE - 1] + "…")
 

@@ -304,6 +304,13 @@ def test_a_step_error_is_bounded_and_says_where_the_rest_is():
     long_line = StepError("exception", "E", "", source_line="z" * 1_000).source_line
     assert long_line is not None and len(long_line) == 300 and long_line.endswith("…")
 
+    # a secret is masked before the cut, so a cut cannot leave a piece of it
+    secret = "s3cr3t-VALUE"
+    keep = StepError("exception", "E", "a" * 12_000).evalue.index(" [... ")
+    through_the_secret = "a" * (keep - 5) + secret + "b" * (12_000 - keep + 5 - len(secret))
+    assert "s3cr3" in StepError("exception", "E", through_the_secret).evalue
+    assert "s3cr3" not in StepError("exception", "E", through_the_secret, secrets=(secret,)).evalue
+    assert StepError("exception", "E", "x s3cr3t-VALUE y", secrets=("s3cr3t", secret)).evalue == "x *** y"
 
 
 def test_fail_fast_starts_no_new_step_after_a_failure(tmp_path, notebook_factory):
@@ -597,6 +604,37 @@ def test_secrets_reach_the_kernel_through_the_environment_only(fixture_pipeline,
         ('{"api_token": "***", "db_password": "***", "region": "us"}',)]
     assert json.loads(query(root, "SELECT parameters FROM step_runs")[0][0]) == {
         "api_token": "***", "db_password": "***", "warehouse": "***", "region": "us"}
+
+
+def test_a_secret_in_an_error_message_is_masked_wherever_nbflow_writes_the_error(fixture_pipeline, monkeypatch):
+    root = fixture_pipeline("secret_in_error")
+    secret = "tok-SECRET-123"
+    monkeypatch.setenv("NBFLOW_SECRET_API_TOKEN", secret)  # api_token is declared in nbflow.yaml `secrets:`
+    logged = cli("run", root)  # not a terminal: the log
+    assert logged.exit_code == 1
+    assert "leaks: FAILED after" in logged.stdout and "ValueError: bad token *** (cell 3)" in logged.stdout
+    as_json = cli("run", root, "--json")  # the failed step runs again
+    assert as_json.exit_code == 1
+    out = json.loads(as_json.stdout)
+    assert out["steps"][0]["error"]["evalue"] == "bad token ***"
+    report = root.parent / "report.html"
+    assert cli("report", root, "-o", report).exit_code == 0
+
+    shown = [logged.output, as_json.output, cli("show", root, out["run_id"]).output,
+             cli("show", root, out["run_id"], "--json").output, cli("history", root, "--json").output,
+             report.read_text()]
+    assert all(secret not in text for text in shown)
+    for ledger in (root / "_nbflow").glob("history.sqlite*"):
+        assert secret.encode() not in ledger.read_bytes()
+    row = step_rows(root, out["run_id"])[0]
+    assert row["error_value"] == "bad token ***" and "ValueError: bad token ***" in row["error_traceback"]
+
+    nb = executed_notebook(root, out["steps"][0]["notebook"])
+    banner = nb.cells[0]
+    assert ERROR_MARKER_TAG in banner.metadata.tags and "ValueError: bad token *** (cell 3)" in banner.source
+    assert secret not in json.dumps([c for c in nb.cells if c.cell_type == "markdown"])  # nbflow's own cells
+    failing = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("raise"))
+    assert [o.evalue for o in failing.outputs] == [f"bad token {secret}"]  # the cell's own output is the user's
 
 
 # -- a read-only or full _nbflow/ ----------------------------------------------------------------------------------------

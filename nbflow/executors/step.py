@@ -3,16 +3,17 @@
 Owns: driving the cells one by one (`cells.CellRunner`, emitting CellStarted/CellFinished), the
 step timeout, cancellation, turning every way a step can end (exception, cell
 timeout, step timeout, dead kernel, missing output, cancel) into a StepOutcome
-whose error holds the kernel's traceback (not the cell's printed output),
-always saving the executed notebook before the kernel is stopped, and then
-killing whatever the step started that still runs (found by the environment it
-inherited: `nbflow.reaper`), so nothing of a step outlives it. Shared by every
-executor. Must not touch the ledger.
+whose error holds the kernel's traceback (not the cell's printed output) with
+the step's secrets masked, always saving the executed notebook before the
+kernel is stopped, and then killing whatever the step started that still runs
+(found by the environment it inherited: `nbflow.reaper`), so nothing of a step
+outlives it. Shared by every executor. Must not touch the ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import shutil
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import executed
-from ..events import CellFinished, CellStarted, StepError, StepStarted, StepStatus
+from ..events import CellFinished, CellStarted, StepStarted, StepStatus
+from ..events import StepError as _StepError
 from ..notebook import load_notebook_json
 from . import Emit, StepOutcome, StepTask
 
@@ -33,6 +35,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ARROW = re.compile(r"^-+>\s*(\d+)", re.MULTILINE)
 # The variables every kernel of a step attempt and whatever it starts inherit (set by the Runner).
 _STEP_IDENTITY = ("NBFLOW_RUN_ID", "NBFLOW_STEP", "NBFLOW_PIPELINE")
+_SECRET_PREFIX = "NBFLOW_SECRET_"
+# Shorter secret values are not masked: masking "1" or "eu" would garble every message.
+_MIN_SECRET_LENGTH = 4
 
 
 async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOutcome:
@@ -54,7 +59,9 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
     total = len(code_cells)
     emit(StepStarted(task.step, task.attempt, rel_executed, total, started_at, task.reasons))
 
-    error: StepError | None = None
+    # Every error of this attempt masks the step's secrets, before it is bounded (so no cut leaves a part of one).
+    StepError = functools.partial(_StepError, secrets=_secrets(task.env))  # noqa: N806
+    error: _StepError | None = None
     status = StepStatus.SUCCEEDED
     current: int | None = None  # index (in nb["cells"]) of the cell running now
     last_done: int | None = None
@@ -199,6 +206,12 @@ async def _stop_and_reap(kernel: StartedKernel, env: dict[str, str]) -> None:
         from ..reaper import kill_processes  # noqa: PLC0415
 
         await asyncio.get_running_loop().run_in_executor(None, kill_processes, [identity])
+
+
+def _secrets(env: dict[str, str]) -> tuple[str, ...]:
+    """The values of the step's secrets (its kernel gets them as NBFLOW_SECRET_<NAME>)."""
+    return tuple(value for name, value in env.items()
+                 if name.startswith(_SECRET_PREFIX) and len(value) >= _MIN_SECRET_LENGTH)
 
 
 def _kernel_traceback(cell: dict) -> str:
