@@ -278,12 +278,23 @@ def plot(pipeline: Path, output: Path, as_json: bool) -> None:
 @click.argument("run_id", required=False)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="HTML file to write, e.g. report.html.")
-def report(pipeline: Path, run_id: str | None, output: Path) -> None:
+@click.option("--outputs", type=click.Choice(["summary", "all", "none"]), default="summary", show_default=True,
+              help="Outputs of each notebook to show: summary (figures, the last table, printed lines that look "
+                   "like metrics), all, or none.")
+@click.option("--inputs", is_flag=True, help="Show the code of the cells whose outputs are shown.")
+@click.option("--notebooks-html", is_flag=True,
+              help="Also export each executed notebook to HTML (nbconvert; pip install \"nbflow[html]\") into "
+                   "<report>_notebooks/ beside the report, linked from it.")
+def report(pipeline: Path, run_id: str | None, output: Path, outputs: str, inputs: bool,
+           notebooks_html: bool) -> None:
     """Write one run (default: the latest) as a self-contained HTML page."""
     from .ui import report as reporting  # noqa: PLC0415
 
-    _, chosen = reporting.write(pipeline, output, run_id)
-    click.echo(f"wrote {output} (run {chosen})")
+    written, chosen = reporting.write(pipeline, output, run_id, outputs=outputs, inputs=inputs,
+                                      notebooks_html=notebooks_html)
+    size = written.stat().st_size
+    also = f"; notebooks as HTML in {reporting.notebooks_dir(output)}" if notebooks_html else ""
+    click.echo(f"wrote {output} (run {chosen}, {size / 1024:.0f} KB{also})")
 
 
 @main.command()
