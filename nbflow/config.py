@@ -36,6 +36,8 @@ _TOP_KEYS: dict[str, tuple[type, ...]] = {
     "executor": (str,),
     "jobs": (int, type(None)),
     "forkserver": (bool,),
+    "pythonpath": (list, type(None)),
+    "env": (dict,),
 }
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping", bool: "true or false", type(None): "null"}
@@ -64,6 +66,7 @@ class StepSettings:
     timeout: float | None = None
     cell_timeout: float | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # the step's own; Config.for_step adds the pipeline's
     explicit: frozenset[str] = frozenset()  # keys written in the file, to overlay on defaults
 
 
@@ -82,14 +85,15 @@ class Config:
     executor: str = "local"
     jobs: int | None = None
     forkserver: bool = True
+    pythonpath: tuple[str, ...] | None = None  # folders relative to the pipeline folder; None: the project root
+    env: dict[str, str] = field(default_factory=dict)  # for every step; `$VAR` takes the caller's VAR
 
     def for_step(self, name: str) -> StepSettings:
-        """Defaults overlaid with the step's own settings."""
-        own = self.steps.get(name)
-        if own is None:
-            return self.defaults
+        """Defaults overlaid with the step's own settings; the pipeline's `env` under the step's."""
+        own = self.steps.get(name) or StepSettings()
         merged = {key: getattr(own if key in own.explicit else self.defaults, key) for key in _STEP_KEYS}
-        return StepSettings(**merged, parameters=dict(own.parameters), explicit=own.explicit)
+        return StepSettings(**merged, parameters=dict(own.parameters), env={**self.env, **own.env},
+                            explicit=own.explicit)
 
 
 def load_config(folder: Path) -> Config:
@@ -99,113 +103,127 @@ def load_config(folder: Path) -> Config:
         return Config()
     import yaml  # noqa: PLC0415 - only when the file exists
 
-    rel = CONFIG_NAME
     try:
         text = path.read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except UnicodeDecodeError:
-        raise PipelineError(Problem("not UTF-8 text", file=rel)) from None
+        raise PipelineError(Problem("not UTF-8 text", file=CONFIG_NAME)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else None
         what = getattr(e, "problem", None) or str(e)
-        raise PipelineError(Problem(f"YAML syntax error: {what}", file=rel, line=line)) from None
+        raise PipelineError(Problem(f"YAML syntax error: {what}", file=CONFIG_NAME,
+                                    line=mark.line + 1 if mark else None)) from None
     if data is None:
         return Config(path=path)
-    problems: list[Problem] = []
     if not isinstance(data, dict):
-        raise PipelineError(Problem("must be a mapping of settings (key: value)", file=rel, line=1))
+        raise PipelineError(Problem("must be a mapping of settings (key: value)", file=CONFIG_NAME, line=1))
+    reader = _Reader(node)
+    config = reader.config(path, data)
+    if reader.problems:
+        raise PipelineError(reader.problems)
+    return config
 
-    def line_of(*keys: str) -> int | None:
-        current = node
-        line = None
+
+class _Reader:
+    """Checks the parsed file against the schema, collecting every problem with its line."""
+
+    def __init__(self, node: Any):
+        self.node = node
+        self.problems: list[Problem] = []
+
+    def problem(self, message: str, *keys: str) -> None:
+        self.problems.append(Problem(message, file=CONFIG_NAME, line=self.line_of(*keys)))
+
+    def line_of(self, *keys: str) -> int | None:
+        current, line = self.node, None
         for key in keys:
             if current is None or not hasattr(current, "value") or not isinstance(current.value, list):
                 break
             for k, v in current.value:
                 if getattr(k, "value", None) == key:
-                    line = k.start_mark.line + 1
-                    current = v
+                    line, current = k.start_mark.line + 1, v
                     break
             else:
                 break
         return line
 
-    def check(mapping: dict, schema: dict[str, tuple[type, ...]], prefix: tuple[str, ...]) -> dict:
+    def check(self, mapping: dict, schema: dict[str, tuple[type, ...]], prefix: tuple[str, ...]) -> dict:
         good = {}
         for key, value in mapping.items():
-            dotted = ".".join(prefix + (str(key),))
+            where = prefix + (str(key),)
+            dotted = ".".join(where)
             if key not in schema:
-                problems.append(Problem(
-                    f"unknown key {dotted!r}{did_you_mean(str(key), schema)}",
-                    file=rel, line=line_of(*prefix, str(key))))
+                self.problem(f"unknown key {dotted!r}{did_you_mean(str(key), schema)}", *where)
                 continue
             types = schema[key]
-            if isinstance(value, bool) and bool not in types:
-                ok = False
-            else:
-                ok = isinstance(value, types)
-            if not ok:
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 wanted = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in types)
-                problems.append(Problem(
-                    f"{dotted!r} must be {wanted}, not {value!r}", file=rel, line=line_of(*prefix, str(key))))
+                self.problem(f"{dotted!r} must be {wanted}, not {value!r}", *where)
                 continue
             bound = _bound_broken(key, value)
             if bound:
-                problems.append(Problem(f"{dotted!r} must be {bound}", file=rel, line=line_of(*prefix, str(key))))
+                self.problem(f"{dotted!r} must be {bound}", *where)
+                continue
+            if key == "env" and not self.variables(value, where):
                 continue
             good[key] = value
         return good
 
-    top = check(data, _TOP_KEYS, ())
-    for key in ("include", "exclude", "secrets"):
-        if key in top and not all(isinstance(x, str) for x in top[key]):
-            problems.append(Problem(f"{key!r} must be a list of strings", file=rel, line=line_of(key)))
-            top.pop(key)
-    if top.get("executor", "local") not in ("local", "dask"):
-        problems.append(Problem(f"'executor' must be 'local' or 'dask', not {top['executor']!r}",
-                                file=rel, line=line_of("executor")))
-    if top.get("schedule"):
-        from croniter import croniter  # noqa: PLC0415
+    def variables(self, env: dict, where: tuple[str, ...]) -> bool:
+        """`env:` maps variable names to strings (numbers are written as text)."""
+        bad = [k for k, v in env.items() if not isinstance(k, str) or not k.isidentifier()
+               or not isinstance(v, (str, int, float)) or isinstance(v, bool)]
+        for k in bad:
+            self.problem(f"'{'.'.join(where)}.{k}': a variable needs a name (letters, digits, _) and a string value",
+                         *where)
+        return not bad
 
-        if not croniter.is_valid(top["schedule"]):
-            problems.append(Problem(f"'schedule' is not a valid cron expression: {top['schedule']!r}",
-                                    file=rel, line=line_of("schedule")))
-
-    def settings(raw: dict, prefix: tuple[str, ...], allow_parameters: bool) -> StepSettings:
+    def settings(self, raw: dict, prefix: tuple[str, ...], step: bool) -> StepSettings:
         schema = dict(_STEP_KEYS)
-        if allow_parameters:
-            schema["parameters"] = (dict,)
-        good = check(raw, schema, prefix)
-        return StepSettings(**good, explicit=frozenset(good))
+        if step:
+            schema.update(parameters=(dict,), env=(dict,))
+        good = self.check(raw, schema, prefix)
+        env = {k: str(v) for k, v in good.pop("env", {}).items()}
+        return StepSettings(**good, env=env, explicit=frozenset(good))
 
-    defaults = settings(top.get("defaults", {}), ("defaults",), False)
-    steps: dict[str, StepSettings] = {}
-    step_lines: dict[str, int] = {}
-    for name, raw in top.get("steps", {}).items():
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            problems.append(Problem(f"'steps.{name}' must be a mapping of settings",
-                                    file=rel, line=line_of("steps", str(name))))
-            continue
-        steps[str(name)] = settings(raw, ("steps", str(name)), True)
-        step_lines[str(name)] = line_of("steps", str(name)) or 0
-    if problems:
-        raise PipelineError(problems)
-    return Config(
-        path=path,
-        include=tuple(top.get("include", ())),
-        exclude=tuple(top.get("exclude", ())),
-        defaults=defaults,
-        steps=steps,
-        step_lines=step_lines,
-        secrets=tuple(top.get("secrets", ())),
-        on_failure=top.get("on_failure"),
-        on_success=top.get("on_success"),
-        schedule=top.get("schedule"),
-        executor=top.get("executor", "local"),
-        jobs=top.get("jobs"),
-        forkserver=top.get("forkserver", True),
-    )
+    def config(self, path: Path, data: dict) -> Config:
+        top = self.check(data, _TOP_KEYS, ())
+        for key in ("include", "exclude", "secrets", "pythonpath"):
+            if top.get(key) is not None and not all(isinstance(x, str) for x in top[key]):
+                self.problem(f"{key!r} must be a list of strings", key)
+                top.pop(key)
+        if top.get("executor", "local") not in ("local", "dask"):
+            self.problem(f"'executor' must be 'local' or 'dask', not {top['executor']!r}", "executor")
+        if top.get("schedule"):
+            from croniter import croniter  # noqa: PLC0415
+
+            if not croniter.is_valid(top["schedule"]):
+                self.problem(f"'schedule' is not a valid cron expression: {top['schedule']!r}", "schedule")
+        defaults = self.settings(top.get("defaults", {}), ("defaults",), False)
+        steps: dict[str, StepSettings] = {}
+        step_lines: dict[str, int] = {}
+        for name, raw in top.get("steps", {}).items():
+            if not isinstance(raw if raw is not None else {}, dict):
+                self.problem(f"'steps.{name}' must be a mapping of settings", "steps", str(name))
+                continue
+            steps[str(name)] = self.settings(raw or {}, ("steps", str(name)), True)
+            step_lines[str(name)] = self.line_of("steps", str(name)) or 0
+        pythonpath = top.get("pythonpath")
+        return Config(
+            path=path,
+            include=tuple(top.get("include", ())),
+            exclude=tuple(top.get("exclude", ())),
+            defaults=defaults,
+            steps=steps,
+            step_lines=step_lines,
+            secrets=tuple(top.get("secrets", ())),
+            on_failure=top.get("on_failure"),
+            on_success=top.get("on_success"),
+            schedule=top.get("schedule"),
+            executor=top.get("executor", "local"),
+            jobs=top.get("jobs"),
+            forkserver=top.get("forkserver", True),
+            pythonpath=None if pythonpath is None else tuple(pythonpath),
+            env={k: str(v) for k, v in top.get("env", {}).items()},
+        )

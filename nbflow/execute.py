@@ -26,6 +26,7 @@ from .events import (Event, Listener, RunFinished, RunResult, RunStarted, RunSta
                      StepNotRun, StepResult, StepSkipped, StepStatus, StepSucceeded)
 from .executors import Executor, StepOutcome, StepTask
 from .layout import StateLayout
+from .imports import missing_module_hint
 from .params import jsonable
 from .plan import Plan, kernel_of
 from .state import Ledger, assess, fingerprint
@@ -216,6 +217,11 @@ class Runner:
             return False
         settings = self.graph.config.for_step(name)
         assert outcome.error is not None
+        if outcome.error.ename == "ModuleNotFoundError":
+            step = self.graph.steps[name]
+            hint = missing_module_hint(outcome.error.evalue, step.folder, self.graph.root)
+            if hint:
+                outcome = replace(outcome, error=replace(outcome.error, evalue=outcome.error.evalue + hint))
         will_retry = (outcome.attempt <= settings.retries and not self.cancelled
                       and outcome.error.kind not in ("kernel_start",))
         delay = settings.retry_delay * (2 ** (outcome.attempt - 1)) if will_retry else 0.0
@@ -268,6 +274,7 @@ class Runner:
         settings = graph.config.for_step(name)
         layout = StateLayout(graph.root)
         env = {**self.plan.env.get(name, {}), "NBFLOW_VALUES_DIR": str(layout.values_dir),
+               "NBFLOW_PYTHONPATH": os.pathsep.join(str(p) for p in graph.python_path()),
                "NBFLOW_RUN_ID": self.run_id, "NBFLOW_STEP": name, "NBFLOW_PIPELINE": str(graph.root)}
         return StepTask(
             step=name, run_id=self.run_id, attempt=attempt, source=str(step.path), rel_source=step.rel_path,

@@ -716,7 +716,8 @@ def _prepare_process(cwd: str, env: Mapping[str, str], base_path: list[str]) -> 
     time.tzset()
     # As ipykernel_launcher leaves it; IPython then inserts '' (the cwd) before
     # site-packages, exactly as in an ordinary kernel.
-    sys.path[:] = base_path
+    # NBFLOW_PYTHONPATH: the pipeline's `pythonpath`, where PYTHONPATH would put it in an ordinary kernel
+    sys.path[:] = [p for p in env.get("NBFLOW_PYTHONPATH", "").split(os.pathsep) if p] + base_path
     importlib.invalidate_caches()
     # ``random`` reseeds itself in a forked child (os.register_at_fork); numpy
     # and other user-level libraries are never imported by the server.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import graphlib
 import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -67,6 +68,28 @@ class Graph:
         refs += [FileRef(f"value {v}", self.value_path(v)) for v in step.publishes]
         return refs
 
+    def python_path(self) -> tuple[Path, ...]:
+        """Folders put first on every step's `sys.path`: `pythonpath:` of nbflow.yaml, else the project root."""
+        if self.config.pythonpath is not None:
+            return tuple(Path(os.path.normpath(self.root / p)) for p in self.config.pythonpath)
+        root = project_root(self.root)
+        return (root,) if root is not None else ()
+
+    def environment(self, name: str) -> dict[str, str]:
+        """The variables nbflow.yaml's `env:` sets for a step, `$VAR` taken from nbflow's own environment."""
+        env = {}
+        for var, text in self.config.for_step(name).env.items():
+            try:
+                env[var] = string.Template(text).substitute(os.environ)
+            except KeyError as e:
+                raise PipelineError(Problem(f"'env.{var}' refers to ${e.args[0]}, which is not set in nbflow's "
+                                            "environment; set it, or write $$ for a literal $", file="nbflow.yaml",
+                                            step=name)) from None
+            except ValueError:
+                raise PipelineError(Problem(f"'env.{var}': {text!r} has a $ that starts no variable name; write "
+                                            "$$ for a literal $", file="nbflow.yaml", step=name)) from None
+        return env
+
     def ancestors(self, names: Iterable[str]) -> set[str]:
         seen: set[str] = set()
         todo = list(names)
@@ -95,6 +118,14 @@ class Graph:
         """Inputs of a step that no step produces: they must exist before the run."""
         values = {self.value_path(v) for v in self.value_producers}
         return [ref for ref in self.inputs_of(name) if ref.path not in self.produced and ref.path not in values]
+
+
+def project_root(folder: Path) -> Path | None:
+    """The nearest folder at or above `folder` that holds `.git` or `pyproject.toml`: the project's root."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / ".git").exists() or (candidate / "pyproject.toml").is_file():
+            return candidate
+    return None
 
 
 def discover(root: Path, config: Config) -> list[Path]:

@@ -54,6 +54,8 @@ __all__ = [
 
 #: Environment variable that disables the fork server when set to 0 / false / no / off.
 FORKSERVER_ENV = "NBFLOW_FORKSERVER"
+#: Folders (os.pathsep-separated) a kernel puts first on sys.path: the pipeline's `pythonpath`.
+PYTHONPATH_ENV = "NBFLOW_PYTHONPATH"
 
 #: Seconds a kernel may take from launch to answering kernel_info.
 STARTUP_TIMEOUT = 60.0
@@ -326,6 +328,10 @@ async def _launch(
     km.transport = "ipc"
     km.ip = os.path.join(folder, km.kernel_id)
     km.connection_file = os.path.join(folder, f"kernel-{km.kernel_id}.json")
+    if server is None and env.get(PYTHONPATH_ENV):
+        # an ordinary kernel reads PYTHONPATH when its interpreter starts; a forked one is given the
+        # folders by the fork server instead (a changed PYTHONPATH would make it refuse to fork)
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, (env[PYTHONPATH_ENV], env.get("PYTHONPATH"))))}
     if server is not None:
         from nbflow.forkserver import ForkServerProvisioner
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PipelineError, Problem
+from .imports import imported_names
 
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
@@ -53,6 +54,7 @@ class Step:
     parameters_cell: int = 0  # 0-based index of the parameters cell
     cell_hashes: tuple[tuple[int, str], ...] = ()  # (1-based cell number, sha256) of every code cell
     declaration_lines: dict[str, int] = field(default_factory=dict)
+    imports: tuple[str, ...] = ()  # module names its code cells import (see imports.py)
 
     @property
     def folder(self) -> Path:
@@ -119,11 +121,10 @@ def read_step(path: Path, root: Path) -> Step | NotAStep:
     kernelspec = meta.get("kernelspec") or {}
     language = kernelspec.get("language") or (meta.get("language_info") or {}).get("name") or "python"
     # every code cell, the parameters cell included: a `def` or an `if` there changes what the step computes
-    hashes = tuple(
-        (i + 1, hashlib.sha256(cell_source(c).encode()).hexdigest())
-        for i, c in enumerate(cells)
-        if c.get("cell_type") == "code" and INJECTED_TAG not in _tags(c)
-    )
+    code = [(i, cell_source(c)) for i, c in enumerate(cells)
+            if c.get("cell_type") == "code" and INJECTED_TAG not in _tags(c)]
+    hashes = tuple((i + 1, hashlib.sha256(src.encode()).hexdigest()) for i, src in code)
+    imports = tuple(dict.fromkeys(name for _, src in code if "import" in src for name in imported_names(src)))
     return Step(
         name=name,
         path=path,
@@ -138,6 +139,7 @@ def read_step(path: Path, root: Path) -> Step | NotAStep:
         parameters_cell=index,
         cell_hashes=hashes,
         declaration_lines=decl.lines,
+        imports=imports,
     )
 
 
@@ -320,6 +322,9 @@ def _read_parameters_cell(source: str, rel: str, cell_number: int) -> _Declarati
         if name not in decl.parameters:
             problem(f"`consumes` lists {name!r} but the cell has no parameter {name!r}; "
                     f"add `{name} = <default>` so the notebook also runs by hand", decl.lines.get("consumes"))
+    if {"upstream", "product"} <= decl.parameters.keys() and not {"inputs", "outputs"} & decl.lines.keys():
+        problem("looks like a Ploomber task (`upstream` and `product`, no `inputs`/`outputs`); convert the project "
+                "with `nbflow import ploomber pipeline.yaml`", decl.lines["upstream"])
     if problems:
         raise PipelineError(problems)
     return decl

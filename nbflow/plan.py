@@ -68,7 +68,7 @@ def make_plan(graph: Graph, ledger: Ledger, names: Iterable[str] = (), overrides
         else:
             planned.append(PlannedStep(name, "run", fresh.reasons))
             rerunning.add(name)
-    env = {name: secret_environment(values) for name, values in parameters.items()}
+    env = {name: {**graph.environment(name), **secret_environment(values)} for name, values in parameters.items()}
     plan = Plan(graph, tuple(planned), parameters, env, dict(overrides or {}), force)
     check_runnable(plan)
     return plan

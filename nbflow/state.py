@@ -25,7 +25,8 @@ from typing import Any, Literal
 from .errors import LedgerDamaged, PipelineError, PipelineLocked, Problem, StateError
 from .events import (Event, FileRecord, RunFinished, RunStarted, RunStatus, StepCancelled, StepFailed,
                      StepNotRun, StepSkipped, StepStarted, StepSucceeded)
-from .graph import FileRef, Graph
+from .graph import FileRef, Graph, relative_to
+from .imports import project_modules
 from .layout import StateLayout
 from .params import EnvRef, is_secret_name
 from .version import __version__
@@ -482,6 +483,13 @@ def fingerprint_parts(graph: Graph, name: str, parameters: dict[str, Any], ledge
              "inputs": inputs, "outputs": sorted(ref.label for ref in graph.outputs_of(name))}
     if folders:
         parts["folders"] = folders
+    # in sys.path's order: PYTHONPATH (pythonpath:) first, later '' (the notebook's folder, where it runs)
+    modules = project_modules(step.imports, (*graph.python_path(), step.folder)) if step.imports else []
+    if modules:  # the project's own code it imports: editing src/features.py makes its importers stale
+        parts["modules"] = {relative_to(path, graph.root): (ledger.file_hash(path) or ("",))[0] for path in modules}
+    env = graph.environment(name)
+    if env:  # recorded only as keyed hashes: a variable may hold a credential
+        parts["env"] = {var: secret_digest(ledger.state_dir, value) for var, value in env.items()}
     return parts
 
 
@@ -574,6 +582,8 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
         for label in old_inputs:
             if label not in parts["inputs"]:
                 reasons.append(f"input {label} removed")
+        reasons += _mapping_changes("module", old.get("modules", {}), parts.get("modules", {}))
+        reasons += _mapping_changes("env", old.get("env", {}), parts.get("env", {}))
         if old.get("outputs") != parts["outputs"]:
             reasons.append("declared outputs changed")
         for rec in last["outputs"]:
@@ -588,6 +598,13 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
     for up in rerunning_upstream:
         reasons.append(f"upstream {up} reruns")
     return Freshness(name, not reasons, tuple(reasons), parts)
+
+
+def _mapping_changes(what: str, old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """'module src/features.py changed', 'env DB_URL added', ... (values are never shown)."""
+    reasons = [f"{what} {key} added" for key in new if key not in old]
+    reasons += [f"{what} {key} changed" for key in new if key in old and old[key] != new[key]]
+    return reasons + [f"{what} {key} removed" for key in old if key not in new]
 
 
 def _folder_changes(old: dict[str, str] | None, new: dict[str, str] | None) -> str:
