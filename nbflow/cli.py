@@ -285,14 +285,19 @@ def plot(pipeline: Path, output: Path, as_json: bool) -> None:
 @click.option("--notebooks-html", is_flag=True,
               help="Also export each executed notebook to HTML (nbconvert; pip install \"nbflow[html]\") into "
                    "<report>_notebooks/ beside the report, linked from it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def report(pipeline: Path, run_id: str | None, output: Path, outputs: str, inputs: bool,
-           notebooks_html: bool) -> None:
+           notebooks_html: bool, as_json: bool) -> None:
     """Write one run (default: the latest) as a self-contained HTML page."""
     from .ui import report as reporting  # noqa: PLC0415
 
     written, chosen = reporting.write(pipeline, output, run_id, outputs=outputs, inputs=inputs,
                                       notebooks_html=notebooks_html)
     size = written.stat().st_size
+    if as_json:
+        click.echo(json.dumps({"output": str(written), "run_id": chosen, "bytes": size,
+                               "notebooks_html": str(reporting.notebooks_dir(output)) if notebooks_html else None}))
+        return
     also = f"; notebooks as HTML in {reporting.notebooks_dir(output)}" if notebooks_html else ""
     click.echo(f"wrote {output} (run {chosen}, {size / 1024:.0f} KB{also})")
 

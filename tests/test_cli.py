@@ -275,3 +275,24 @@ def test_show_and_history_give_parameters_and_fold_idle_runs(fixture_pipeline):
     assert full["folded"] == 1 and len(full["runs"]) == 1
     assert "      parameters: scale=3" in cli("show", str(root), first).stdout
 
+
+def test_every_command_speaks_json(fixture_pipeline, tmp_path):
+    root = fixture_pipeline("diamond")
+    assert cli("run", str(root)).returncode == 0
+    plot = json.loads(cli("plot", str(root), "-o", str(tmp_path / "dag.svg"), "--json").stdout)
+    assert plot == {"output": str(tmp_path / "dag.svg"), "steps": 5}
+    assert json.loads(cli("clean", str(root), "--keep", "1", "--json").stdout)["removed"] == []
+    assert json.loads(cli("repair", str(root), "--json").stdout)["moved"] == []
+    written = json.loads(cli("report", str(root), "-o", str(tmp_path / "r.html"), "--json").stdout)
+    assert written["output"] == str(tmp_path / "r.html") and written["bytes"] > 0
+    planned = json.loads(cli("schedule", str(root), "--cron", "0 6 * * *", "--json").stdout)
+    assert planned["expression"] == "0 6 * * *" and len(planned["next"]) == 3 and planned["installed"] is False
+    helps = cli("--help").stdout
+    commands = [line.split()[0] for line in helps.split("Commands:")[1].splitlines() if line.strip()]
+    for command in commands:
+        help_text = cli(command, "--help").stdout
+        if "Commands:" in help_text:  # a group (`import`): each of its commands
+            for sub in [line.split()[0] for line in help_text.split("Commands:")[1].splitlines() if line.strip()]:
+                assert "--json" in cli(command, sub, "--help").stdout, (command, sub)
+        else:
+            assert "--json" in help_text, command
