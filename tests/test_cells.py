@@ -26,24 +26,29 @@ def run_cells(tmp_path: Path, *sources: str | dict,
               timeout: float | None = None) -> tuple[list[dict], BaseException | None]:
     """Run the cells (sources or cell dicts) in order on one fresh kernel until one raises; the cells and that error."""
     cells = [cell(s) if isinstance(s, str) else s for s in sources]
-    return cells, run_notebook_cells(tmp_path, cells, timeout=timeout)
+    error, _ = run_notebook_cells(tmp_path, cells, timeout=timeout)
+    return cells, error
 
 
-def run_notebook_cells(cwd: Path, cells: list[dict], timeout: float | None = None) -> BaseException | None:
-    """Run the code cells in order on one fresh kernel in `cwd`, as step.py does, until one raises; that exception."""
+def run_notebook_cells(cwd: Path, cells: list[dict],
+                       timeout: float | None = None) -> tuple[BaseException | None, CellRunner]:
+    """Run the code cells in order on one fresh kernel in `cwd`, as step.py does, until one raises.
 
-    async def main() -> BaseException | None:
+    Returns that exception (None if none did) and the runner, which has seen the whole run.
+    """
+
+    async def main() -> tuple[BaseException | None, CellRunner]:
         started = await start_kernel(KernelRequest("python3", str(cwd)))
+        runner = CellRunner(started.km, started.kc, timeout=timeout)
         try:
-            runner = CellRunner(started.km, started.kc, timeout=timeout)
             for c in cells:
                 if c["cell_type"] == "code":
                     await runner.execute_cell(c, execution_count=runner.cells_executed + 1)
         except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-            return e
+            return e, runner
         finally:
             await started.stop()
-        return None
+        return None, runner
 
     return asyncio.run(main())
 

@@ -5,8 +5,8 @@ nbformat-4 dicts (streams, display data, results, errors, clear_output,
 display updates, also from later cells), the cell tags nbclient honours
 (`raises-exception`: the error is recorded and the run goes on;
 `skip-execution`: not run), ipywidgets' Output widget (while one captures, the
-outputs go into it and the kernel is told its new `outputs`, as a front end
-does, not into the cell), the cell timeout, noticing a dead kernel, and the
+outputs go into it, not into the cell, and the kernel is told its new
+`outputs`, as a front end does), the cell timeout, noticing a dead kernel, and the
 errors that say how a cell ended (named and shaped as nbclient's, which nbflow
 used before). Talks to jupyter_client directly: importing nbclient imports
 nbformat, which imports jsonschema (~0.1 s; ~2 s where JupyterLab's
@@ -17,9 +17,9 @@ notebooks through both.
 What nbclient does and this does not:
 - keep widget state: nbclient writes every widget's state into the notebook's
   metadata (`widgets`, application/vnd.jupyter.widget-state+json), so a saved
-  notebook can show widgets and what Output widgets captured; here widget comm
-  messages only drive the Output widgets, and a saved notebook shows a widget
-  as its text/plain;
+  notebook can redraw its widgets and what Output widgets captured; here widget
+  comm messages only drive the Output widgets, and the cell keeps the widget's
+  view output (model id and text/plain) with no state to draw it from;
 - its options: no `allow_errors` / `allow_error_names` / `force_raise_errors`
   (only the tag lets a cell raise), no `interrupt_on_timeout`, and
   `coalesce_streams` stays off as it is by default in nbclient (0.10, 0.11):
