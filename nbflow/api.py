@@ -67,7 +67,7 @@ class Pipeline:
 
     def status(self, parameters: Mapping[str, Any] | None = None) -> list[StepState]:
         """Per step: fresh or stale, and why; notebooks that are not steps are listed too."""
-        from .plan import kernel_of  # noqa: PLC0415
+        from .plan import kernel_of, lost_steps, missing_kernels  # noqa: PLC0415
         from .state import Ledger, assess  # noqa: PLC0415
 
         if self._read_again:  # the notebooks as they are now, not as first read
@@ -78,14 +78,19 @@ class Pipeline:
         params = resolve_parameters(g, parameters)
         ledger = Ledger(g.state_dir, create=False)
         try:
+            lost = lost_steps(g, ledger)
+            if lost:  # as `run` would: a notebook that left the pipeline silently is an error
+                raise PipelineError(lost)
+            unrunnable = {p.step: p.message for p in missing_kernels(g, g.order)}
             stale: set[str] = set()
             states = []
             for name in g.order:
                 ups = tuple(u for u in g.upstream[name] if u in stale)
                 f = assess(g, name, params[name], ledger, ups, kernel_of(g, name))
+                reasons = f.reasons + ((unrunnable[name],) if name in unrunnable else ())
                 if not f.fresh:
                     stale.add(name)
-                states.append(StepState(name, "fresh" if f.fresh else "stale", f.reasons,
+                states.append(StepState(name, "fresh" if f.fresh else "stale", reasons,
                                         tuple(r.label for r in g.inputs_of(name)),
                                         tuple(r.label for r in g.outputs_of(name)), g.upstream[name],
                                         g.steps[name].rel_path))
@@ -158,7 +163,8 @@ class RunHandle:
 
 
 def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
-        parameters: Mapping[str, Any] | None = None, force: bool = False, jobs: int | None = None,
+        parameters: Mapping[str, Any] | None = None, force: bool = False, force_upstream: bool = False,
+        only: bool = False, jobs: int | None = None,
         executor: str | None = None, dask_address: str | None = None, fail_fast: bool = False,
         background: bool = False, listeners: Iterable[Listener] = (), display: bool | None = None,
         run_id: str | None = None) -> "RunResult | RunHandle":
@@ -183,7 +189,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     if problems:  # invalid: add what planning finds, without creating or locking _nbflow/
         history = Ledger(graph.state_dir, create=False)
         try:
-            make_plan(graph, history, steps, parameters, force=force)
+            make_plan(graph, history, steps, parameters, force=force, force_upstream=force_upstream, only=only)
         except PipelineError as e:
             problems += e.problems
         finally:
@@ -200,7 +206,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
             interrupted.append(lock.stale["run_id"])
         if interrupted:
             reap_orphans(graph.root, interrupted)
-        plan = make_plan(graph, ledger, steps, parameters, force=force)
+        plan = make_plan(graph, ledger, steps, parameters, force=force, force_upstream=force_upstream, only=only)
         jobs = jobs or graph.config.jobs or os.cpu_count() or 1
         all_listeners = list(listeners)
         if display is None:

@@ -49,14 +49,18 @@ def main() -> None:
 @click.argument("steps", nargs=-1)
 @click.option("-p", "--parameter", "parameters", multiple=True, metavar="[STEP.]NAME=VALUE",
               help="Override a parameter (of every step that has it, or of STEP only).")
-@click.option("--force", is_flag=True, help="Run every selected step, fresh or not.")
+@click.option("--force", is_flag=True,
+              help="Run fresh steps too: the named STEPS (what they need only if stale), or every step if none.")
+@click.option("--force-upstream", is_flag=True, help="With --force and STEPS: force what they need too.")
+@click.option("--only", is_flag=True, help="Run just the named STEPS, not what they need (it must exist).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Steps to run at once [default: CPU cores].")
 @click.option("--executor", type=click.Choice(["local", "dask"]), help="Where steps run [default: local].")
 @click.option("--dask-address", help="Scheduler address of a dask.distributed cluster.")
 @click.option("--fail-fast", is_flag=True, help="Start no new step after a failure.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else.")
-def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], force: bool, jobs: int | None,
-        executor: str | None, dask_address: str | None, fail_fast: bool, as_json: bool) -> None:
+def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], force: bool, force_upstream: bool,
+        only: bool, jobs: int | None, executor: str | None, dask_address: str | None, fail_fast: bool,
+        as_json: bool) -> None:
     """Run PIPELINE (or STEPS and what they need); fresh steps are skipped."""
     from . import api  # noqa: PLC0415
     from .params import parse_assignments  # noqa: PLC0415
@@ -66,7 +70,10 @@ def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], for
     except ValueError as e:
         raise PipelineError(str(e)) from None
     listeners = [] if as_json else [_progress_listener()]
-    handle = api.run(pipeline, steps, parameters=overrides, force=force, jobs=jobs, executor=executor,
+    if only and not steps:
+        raise click.UsageError("--only needs the STEPS to run")
+    handle = api.run(pipeline, steps, parameters=overrides, force=force, force_upstream=force_upstream, only=only,
+                     jobs=jobs, executor=executor,
                      dask_address=dask_address, fail_fast=fail_fast, background=True, listeners=listeners,
                      display=False)
     assert isinstance(handle, api.RunHandle)

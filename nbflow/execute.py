@@ -167,7 +167,7 @@ class Runner:
         for name in names:
             fresh = assess(self.graph, name, self.plan.parameters[name], self.ledger, (),
                            kernel_of(self.graph, name))
-            if not self.plan.force and fresh.fresh:
+            if name not in self.plan.forced and fresh.fresh:
                 reran = tuple(u for u in self.graph.upstream[name]
                               if u in self.results and self.results[u].status == StepStatus.SUCCEEDED)
                 reasons = (f"upstream {', '.join(reran)} reran, inputs unchanged",) if reran else ("fresh",)

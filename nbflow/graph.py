@@ -335,8 +335,11 @@ def relative_to(path: Path, root: Path) -> str:
         return Path(os.path.relpath(path, root)).as_posix()
 
 
-def select_steps(graph: Graph, names: Iterable[str]) -> list[str]:
-    """The named steps and every step they need, in graph order. Unknown names are errors."""
+def select_steps(graph: Graph, names: Iterable[str], *, only: bool = False) -> list[str]:
+    """The named steps and every step they need (`only`: just the named ones), in graph order.
+
+    Unknown names are errors.
+    """
     names = list(names)
     if not names:
         return list(graph.order)
@@ -344,7 +347,7 @@ def select_steps(graph: Graph, names: Iterable[str]) -> list[str]:
                 for n in names if n not in graph.steps]
     if problems:
         raise PipelineError(problems)
-    wanted = set(names) | graph.ancestors(names)
+    wanted = set(names) if only else set(names) | graph.ancestors(names)
     return [s for s in graph.order if s in wanted]
 
 

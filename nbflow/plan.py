@@ -23,9 +23,9 @@ class Plan:
     graph: Graph
     steps: tuple[PlannedStep, ...]  # in graph order
     parameters: dict[str, dict[str, Any]]  # injected, per step
-    env: dict[str, dict[str, str]]  # secrets, per step
+    env: dict[str, dict[str, str]]  # nbflow.yaml's env: and secrets, per step
     overrides: dict[str, Any] = field(default_factory=dict)
-    force: bool = False
+    forced: frozenset[str] = frozenset()  # steps that run whether fresh or not
 
     @property
     def to_run(self) -> list[str]:
@@ -33,15 +33,24 @@ class Plan:
 
 
 def make_plan(graph: Graph, ledger: Ledger, names: Iterable[str] = (), overrides: Mapping[str, Any] | None = None,
-              *, force: bool = False) -> Plan:
-    """Decide for each selected step whether it runs; raises PipelineError (exit 2) for what can't run."""
+              *, force: bool = False, force_upstream: bool = False, only: bool = False) -> Plan:
+    """Decide for each selected step whether it runs; raises PipelineError (exit 2) for what can't run.
+
+    `names` select steps and what they need (`only`: the steps alone). `force`
+    runs every selected step when no names are given or with `force_upstream`,
+    else just the named ones.
+    """
+    names = list(names)
     problems: list[Problem] = lost_steps(graph, ledger)
     selected: list[str] = []
     parameters: dict[str, dict[str, Any]] = {}
     try:
-        selected = select_steps(graph, names)
+        selected = select_steps(graph, names, only=only)
     except PipelineError as e:
         problems += e.problems
+    forced = frozenset()
+    if force:
+        forced = frozenset(selected if force_upstream or not names else select_steps(graph, names, only=True))
     try:
         parameters = resolve_parameters(graph, overrides)
     except PipelineError as e:
@@ -57,7 +66,7 @@ def make_plan(graph: Graph, ledger: Ledger, names: Iterable[str] = (), overrides
     planned: list[PlannedStep] = []
     rerunning: set[str] = set()
     for name in selected:
-        if force:
+        if name in forced:
             planned.append(PlannedStep(name, "run", ("forced (--force)",)))
             rerunning.add(name)
             continue
@@ -69,7 +78,7 @@ def make_plan(graph: Graph, ledger: Ledger, names: Iterable[str] = (), overrides
             planned.append(PlannedStep(name, "run", fresh.reasons))
             rerunning.add(name)
     env = {name: {**graph.environment(name), **secret_environment(values)} for name, values in parameters.items()}
-    plan = Plan(graph, tuple(planned), parameters, env, dict(overrides or {}), force)
+    plan = Plan(graph, tuple(planned), parameters, env, dict(overrides or {}), forced)
     check_runnable(plan)
     return plan
 
@@ -91,7 +100,7 @@ def check_runnable(plan: Plan) -> None:
     """Source inputs exist and kernels are installed, for every step that will run."""
     graph = plan.graph
     to_run = plan.to_run
-    problems = missing_inputs(graph, to_run) + missing_kernels(graph, to_run)
+    problems = missing_inputs(graph, to_run) + missing_kernels(graph, to_run) + unmade_inputs(plan)
     if problems:
         raise PipelineError(problems)
 
@@ -110,6 +119,25 @@ def missing_inputs(graph: Graph, names: Iterable[str]) -> list[Problem]:
                     f"{did_you_mean(ref.label, written)}; create the file or fix the path in `inputs` (paths are "
                     "relative to the notebook's folder)",
                     file=step.rel_path, line=step.declaration_lines.get("inputs"), step=name))
+    return problems
+
+
+def unmade_inputs(plan: Plan) -> list[Problem]:
+    """Inputs that a step outside the plan writes (`--only`) and that do not exist yet."""
+    graph = plan.graph
+    planned = {p.name for p in plan.steps}
+    problems = []
+    for name in plan.to_run:
+        for up in graph.upstream[name]:
+            if up in planned:
+                continue
+            written = {ref.path for ref in graph.outputs_of(up)}
+            for ref in graph.inputs_of(name):
+                if ref.path in written and not os.path.exists(ref.path):
+                    problems.append(Problem(
+                        f"step {name!r} reads {ref.label}, which step {up!r} writes, but it does not exist yet "
+                        f"and --only does not run {up!r}; run without --only, or run {up!r} first",
+                        file=graph.steps[name].rel_path, step=name))
     return problems
 
 

@@ -30,8 +30,25 @@ def test_force_and_selection(fixture_pipeline):
     root = fixture_pipeline("diamond")
     assert nbflow.run(root, display=False).ok
     assert plan_for(root).to_run == []
-    forced = plan_for(root, "c", force=True)
-    assert [(p.name, p.reasons) for p in forced.steps] == [("a", ("forced (--force)",)), ("c", ("forced (--force)",))]
+    forced = plan_for(root, "c", force=True)  # a named step is forced; what it needs runs only if stale
+    assert [(p.name, p.action, p.reasons) for p in forced.steps] == [("a", "skip", ("fresh",)),
+                                                                       ("c", "run", ("forced (--force)",))]
+    everything = plan_for(root, "c", force=True, force_upstream=True)
+    assert [(p.name, p.reasons) for p in everything.steps] == [("a", ("forced (--force)",)),
+                                                                ("c", ("forced (--force)",))]
+    assert sorted(plan_for(root, force=True).to_run) == ["a", "b", "c", "d", "sub/e"]  # no names: all
+
+
+def test_only_runs_the_named_steps_without_their_upstream(fixture_pipeline):
+    root = fixture_pipeline("diamond")
+    with pytest.raises(PipelineError, match=r"step 'd' reads .*, which step 'b' writes, but it does not exist yet "
+                                            r"and --only does not run 'b'"):
+        plan_for(root, "d", only=True)
+    assert nbflow.run(root, display=False).ok
+    plan = plan_for(root, "d", only=True, force=True)
+    assert [p.name for p in plan.steps] == ["d"] and plan.to_run == ["d"]
+    result = nbflow.run(root, "d", only=True, force=True, display=False)
+    assert list(result.steps) == ["d"] and result.steps["d"].status == "succeeded"
 
 
 def test_missing_source_input_names_the_notebook_and_line(fixture_pipeline):
@@ -114,3 +131,17 @@ def test_a_step_that_never_succeeded_says_how_its_last_run_ended(tmp_path, noteb
     result = nbflow.run(tmp_path, display=False)
     assert not result.ok
     assert plan_for(tmp_path).steps[0].reasons == (f"last run failed ({result.run_id})",)
+
+
+def test_status_stops_at_a_lost_step_and_names_a_missing_kernel(tmp_path, notebook_factory):
+    a = notebook_factory(tmp_path / "a.ipynb", 'outputs = {}', "x = 1")
+    notebook_factory(tmp_path / "b.ipynb", 'outputs = {}', "x = 1", kernel="no-such-kernel")
+    (tmp_path / "nbflow.yaml").write_text("steps:\n  b: {kernel: python3}\n")
+    assert nbflow.run(tmp_path, display=False).ok
+    (tmp_path / "nbflow.yaml").unlink()
+    b = {s.name: s for s in nbflow.Pipeline(tmp_path).status()}["b"]
+    assert any("kernel 'no-such-kernel' is not installed" in r and "defaults: {kernel: python3}" in r
+               for r in b.reasons)
+    _untag(a)
+    with pytest.raises(PipelineError, match="a.ipynb: has no cell tagged 'parameters'"):
+        nbflow.Pipeline(tmp_path).status()
