@@ -259,6 +259,46 @@ def repair(pipeline: Path, as_json: bool) -> None:
                "_nbflow/runs/ are kept")
 
 
+@main.group("import")
+def import_() -> None:
+    """Convert a pipeline written for another tool into an nbflow pipeline folder."""
+
+
+@import_.command("ploomber")
+@click.argument("pipeline_yaml", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
+              help="New (or empty) folder to write [default: <project>-nbflow beside the project].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def import_ploomber(pipeline_yaml: Path, out: Path | None, as_json: bool) -> None:
+    """Convert the Ploomber project of PIPELINE_YAML (or its folder); the project is not modified."""
+    from .migrate import import_ploomber as convert  # noqa: PLC0415
+
+    done = convert(pipeline_yaml, out)
+    if as_json:
+        click.echo(json.dumps(done.to_json()))
+        return
+    click.echo(f"converted {len(done.steps)} Ploomber task(s) of {pipeline_yaml} into {done.out}/")
+    width = max((len(s.name) for s in done.steps), default=4)
+    for s in done.steps:
+        grid = f"  (grid: {', '.join(s.grid)})" if s.grid else ""
+        click.echo(f"  {s.name:<{width}}  {s.source} -> {s.notebook}{grid}")
+    if done.copied:
+        click.echo(f"copied {len(done.copied)} other file(s) of the project (data, modules) to the same places")
+    if done.config:
+        click.echo(f"wrote {done.config}")
+    if done.notes:
+        click.echo("notes:")
+        for note in done.notes:
+            click.echo(f"  - {note}")
+    if done.unconverted:
+        click.echo(f"could not convert ({len(done.unconverted)}); see to these by hand:")
+        for issue in done.unconverted:
+            click.echo(f"  - {issue}")
+    else:
+        click.echo("everything was converted")
+    click.echo(f"next: nbflow status {done.out}   then   nbflow run {done.out}")
+
+
 @main.command()
 @PIPELINE
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
