@@ -203,6 +203,9 @@ def import_ploomber(pipeline_yaml: str | os.PathLike, out: str | os.PathLike | N
     tasks = _read_tasks(raw_tasks, root, env, settings, report)
     plan = _Plan(root, tasks, settings, report)
     notebooks = {t.step: plan.notebook(t) for t in tasks if t.convertible}
+    if plan.wrapped:
+        report.note(f"function tasks run from notebooks that call them ({', '.join(plan.wrapped)}), with paths "
+                    "(str) as their product and upstream")
     if plan.dropped:
         report.note(f"the executed notebooks ({', '.join(plan.dropped)}) are not declared as outputs: nbflow "
                     "keeps each step's executed notebook as _nbflow/latest/<step>.ipynb (to HTML: "
@@ -731,6 +734,7 @@ class _Plan:
         self.grids: dict[str, dict] = {}
         self.kernels: dict[str, str] = {}
         self.dropped: list[str] = []  # the executed-notebook products, which nbflow keeps itself
+        self.wrapped: list[str] = []  # steps that call a function task
 
     # -- paths
 
@@ -994,8 +998,7 @@ class _Plan:
         if _needs_folders(outputs, t.grid):
             cells.append(_code_cell("nbflow-make-folders", _MAKE_FOLDERS))
         cells.append(_code_cell("call", f"from {module} import {func}\n\n{call}"))
-        self.report.note(f"function {t.source} runs from the notebook {t.step}.ipynb, which calls it with "
-                         "plain paths (str) for product and upstream", t.name)
+        self.wrapped.append(t.step)
         return {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                             "language": "python"},
                                              "language_info": {"name": "python"}},
@@ -1319,7 +1322,11 @@ def _copy_project(root: Path, out: Path, skip: set[str], products: list[str], re
                             "(nbflow would read it as a step)")
                 continue
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, out / rel)
+            try:
+                shutil.copy2(path, out / rel)
+            except OSError as e:  # a broken link, a file we may not read
+                report.fail(f"{rel}: not copied ({e.strerror or e}); copy it by hand if a step needs it")
+                continue
             copied.append(rel)
     return copied
 
