@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import Config, load_config
+from .config import CONFIG_NAME, Config, load_config
 from .errors import PipelineError, Problem, did_you_mean
 from .layout import STATE_DIR, StateLayout
 from .notebook import NOTEBOOK_SUFFIXES, NotAStep, Step, is_percent_script, read_step
@@ -128,6 +128,29 @@ def project_root(folder: Path) -> Path | None:
     return None
 
 
+def other_pipelines(root: Path) -> list[Problem]:
+    """A folder that is not a pipeline yet but lies inside one, or holds one: never a second ledger unsaid.
+
+    A folder is a pipeline once it has `nbflow.yaml` or `_nbflow/` (as a git
+    repository has `.git`). Running a folder inside a pipeline, or a folder
+    around one, would start a second ledger for the same notebooks.
+    """
+    if (root / CONFIG_NAME).exists() or (root / STATE_DIR).is_dir():
+        return []
+    make_own = f"or create {root / CONFIG_NAME} (it may be empty) to make {root} a pipeline of its own"
+    for above in root.parents:
+        if (above / STATE_DIR).is_dir() or (above / CONFIG_NAME).exists():
+            return [Problem(f"{root} is inside the pipeline {above} (it has {STATE_DIR}/ or {CONFIG_NAME}); run "
+                            f"`nbflow run {above}` (name steps to run only some), {make_own}")]
+    for folder, dirs, _ in os.walk(root):
+        if STATE_DIR in dirs:
+            inner = Path(folder)
+            return [Problem(f"{inner} below {root} is a pipeline already (it has {STATE_DIR}/); run "
+                            f"`nbflow run {inner}`, {make_own}")]
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
+    return []
+
+
 def discover(root: Path, config: Config) -> list[Path]:
     """Every notebook file of the pipeline folder (sorted), after include/exclude."""
     found: list[Path] = []
@@ -168,6 +191,7 @@ def build_graph(root: str | os.PathLike, config: Config | None = None,
         except PipelineError as e:
             problems += e.problems
             config = Config()
+    problems += other_pipelines(root)
     steps, not_steps = _read_steps(root, config, problems)
     producers, value_producers = _producers(root, steps, problems)
     upstream, produced = _edges(root, steps, producers, value_producers, problems)

@@ -176,3 +176,17 @@ def test_cycle_follows_the_arrows(fixture_pipeline):
     path = str(err.value).split("cycle: ")[1].split(";")[0].split(" -> ")
     # x writes x.txt which y reads: y comes right after x in the printed path
     assert path[path.index("x") + 1] == "y"
+
+
+def test_a_folder_inside_or_around_a_pipeline_is_not_a_second_ledger_unsaid(fixture_pipeline):
+    import nbflow
+
+    root = fixture_pipeline("diamond")
+    assert nbflow.run(root, display=False).ok  # root/_nbflow/ now marks the pipeline
+    with pytest.raises(PipelineError, match=rf"{root / 'sub'} is inside the pipeline {root} .*run `nbflow run {root}`"):
+        build_graph(root / "sub")
+    with pytest.raises(PipelineError, match=rf"{root} below {root.parent} is a pipeline already .*"
+                                            rf"create {root.parent / 'nbflow.yaml'} \(it may be empty\)"):
+        build_graph(root.parent)
+    (root / "sub" / "nbflow.yaml").write_text("")  # a pipeline of its own, on purpose
+    assert list(build_graph(root / "sub").steps) == ["e"]
