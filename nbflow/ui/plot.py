@@ -11,6 +11,11 @@ edges, barycenter sweeps with transpositions against edge crossings, and
 vertical placement by weighted isotonic regression (straight edges where
 possible, no overlaps). It is deterministic: the same graph always gives the
 same picture. PNG is drawn from the same scene with matplotlib (the `png` extra).
+
+The instances of a parameter grid (`train[alpha=0.1,seed=1]`, ...) are drawn as
+one node with their count and how far they got, so a grid of 48 stays one box.
+In the widget the picture fits the width it is given (down to half its size,
+then it scrolls); its legend takes Jupyter's text colour, for the dark theme.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from ..errors import NbflowError, PipelineError, Problem
 from ..graph import Graph, relative_to
-from .view import STATE_STYLES, format_duration
+from .view import NOT_STARTED, STATE_STYLES, format_duration, group_of
 
 __all__ = ["svg", "html", "mermaid", "write", "STATUS_STYLES", "SUFFIXES"]
 
@@ -44,6 +49,11 @@ class Style:
 # The colours of view.STATE_STYLES, keyed by the state's value; the order is the legend's order.
 STATUS_STYLES: dict[str, Style] = {status.value: Style(s.fill, s.stroke, s.text, s.dash, s.legend)
                                    for status, s in STATE_STYLES.items()}
+STATUS_STYLES["not_started"] = Style(NOT_STARTED.fill, NOT_STARTED.stroke, NOT_STARTED.text, NOT_STARTED.dash,
+                                     NOT_STARTED.legend)
+# the state a group of grid instances shows: that of its most telling instance
+_GROUP_ORDER = ("failed", "running", "cancelled", "not_started", "not_run", "pending", "succeeded", "skipped")
+_LEGEND_TEXT = "var(--jp-ui-font-color1, #495057)"  # Jupyter's text colour: the legend reads in the dark theme
 _PLAIN = Style("#ffffff", "#495057")  # no run to show
 _OUTSIDE = Style("#ffffff", "#ced4da", "#868e96", label="not in this run")
 _EDGE = "#8c96a3"
@@ -59,6 +69,8 @@ _PAD_X = 14
 _NAME_PX = 13
 _SUB_PX = 11
 _ARROW = 7
+_BOLD = 1.08  # a step's name is drawn bold: that much wider than text_width's estimate
+_LONGEST_NAME = 32  # longer names are cut in the box (with …), whole in its tooltip
 
 
 # -- the layout -----------------------------------------------------------------------
@@ -229,7 +241,7 @@ def layout(graph: Graph, labels: Mapping[str, tuple[str, str]]) -> Layout:
     boxes: dict[Hashable, _Box] = {}
     for name in graph.order:
         title, sub = labels[name]
-        width = max(text_width(title, _NAME_PX), text_width(sub, _SUB_PX)) + 2 * _PAD_X
+        width = max(text_width(title, _NAME_PX) * _BOLD, text_width(sub, _SUB_PX)) + 2 * _PAD_X
         boxes[name] = _Box(name, layer[name], max(72.0, width), 44.0 if sub else 32.0)
     edges: dict[tuple[str, str], list[Hashable]] = {}
     succ: dict[Hashable, list[Hashable]] = {}
@@ -356,6 +368,7 @@ class _Group:
     title: str = ""
     link: str | None = None
     kind: str = ""  # "step" or "edge", for tests and styling
+    status: str = ""  # a step's state, so a viewer can bring a failed or running step into view
 
 
 @dataclass
@@ -389,18 +402,24 @@ def _subtitle(result: Any, name: str, status: str | None) -> str:
     if status is None or status == "outside":
         return ""
     step = result.steps[name]
+    if isinstance(step, _GroupStep):
+        return step.label
     parts = [STATUS_STYLES[status].label.split(" (")[0] if status in STATUS_STYLES else status]
     error = getattr(step, "error", None)
     duration = getattr(step, "duration_s", None)
     cell = getattr(error, "cell", None)
     if status == "failed" and cell:
-        parts.append(f"cell {cell}")
+        parts.append(getattr(step, "cell_label", None) or f"cell {cell}")  # the widget's: "In [4]"
     elif status in ("succeeded", "failed", "cancelled") and isinstance(duration, (int, float)):
         parts.append(format_duration(duration))
     attempts = getattr(step, "attempts", 0)
     if isinstance(attempts, int) and attempts > 1:
         parts.append(f"{attempts} attempts")
     return " · ".join(parts)
+
+
+def _cut(name: str) -> str:
+    return name if len(name) <= _LONGEST_NAME else name[: _LONGEST_NAME - 1] + "…"
 
 
 def _edge_files(graph: Graph, source: str, target: str) -> list[str]:
@@ -433,11 +452,114 @@ def _step_title(graph: Graph, name: str, result: Any, status: str | None) -> str
     return "\n".join(lines)
 
 
+@dataclass
+class _GroupStep:
+    """A grid's instances as one node of the picture."""
+
+    status: str
+    label: str  # the box's second line: "12/48 · 3 failed"
+    members: list[str]
+    error: Any = None
+    attempts: int = 0
+    duration_s: float | None = None
+
+
+@dataclass
+class _Steps:
+    steps: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _GroupRef:
+    rel_path: str
+
+
+class _GroupedGraph:
+    """The graph with each grid's instances folded into one node named `base[…]`; reads like a Graph."""
+
+    def __init__(self, graph: Graph, groups: dict[str, list[str]]):
+        from graphlib import TopologicalSorter  # noqa: PLC0415
+
+        self.graph, self.root = graph, graph.root
+        self.members = {f"{base}[…]": names for base, names in groups.items()}
+        self.node_of = {n: node for node, names in self.members.items() for n in names}
+        first: dict[str, int] = {}
+        upstream: dict[str, list[str]] = {}
+        for i, name in enumerate(graph.order):
+            node = self.node_of.get(name, name)
+            first.setdefault(node, i)
+            ups = upstream.setdefault(node, [])
+            for up in graph.upstream[name]:
+                up_node = self.node_of.get(up, up)
+                if up_node != node and up_node not in ups:
+                    ups.append(up_node)
+        sorter = TopologicalSorter(upstream)
+        sorter.prepare()
+        order: list[str] = []
+        while sorter.is_active():  # in the graph's own order where the arrows allow
+            ready = sorted(sorter.get_ready(), key=first.__getitem__)
+            order += ready
+            sorter.done(*ready)
+        self.order = order
+        self.upstream = {node: tuple(ups) for node, ups in upstream.items()}
+        self.steps = {node: (_GroupRef(f"{len(names)} grid instances") if node in self.members
+                             else graph.steps[node]) for node, names in
+                      [(n, self.members.get(n, [])) for n in order]}
+
+    def _refs(self, node: str, which: str) -> list:
+        seen: dict[Any, Any] = {}
+        for name in self.members.get(node, [node]):
+            for ref in getattr(self.graph, which)(name):
+                seen.setdefault(ref.path, ref)
+        return list(seen.values())
+
+    def inputs_of(self, node: str) -> list:
+        return self._refs(node, "inputs_of")
+
+    def outputs_of(self, node: str) -> list:
+        return self._refs(node, "outputs_of")
+
+
+def _fold_grids(graph: Graph, result: Any, links: Mapping[str, str]) -> tuple[Any, Any, dict[str, str]]:
+    """Fold each grid (two or more instances of one base name) into one node, with its states counted."""
+    groups: dict[str, list[str]] = {}
+    for name in graph.order:
+        base = group_of(name)
+        if base is not None:
+            groups.setdefault(base, []).append(name)
+    groups = {base: names for base, names in groups.items() if len(names) > 1}
+    if not groups:
+        return graph, result, dict(links)
+    folded = _GroupedGraph(graph, groups)
+    links = {folded.node_of.get(n, n): url for n, url in links.items() if n not in folded.node_of}
+    if result is None:
+        return folded, None, links
+    steps: dict[str, Any] = {}
+    for node in folded.order:
+        names = folded.members.get(node)
+        if names is None:
+            if node in result.steps:
+                steps[node] = result.steps[node]
+            continue
+        statuses = [_status_of(result, n) or "pending" for n in names]
+        statuses = ["pending" if s == "outside" else s for s in statuses]
+        worst = min(statuses, key=lambda st: _GROUP_ORDER.index(st) if st in _GROUP_ORDER else len(_GROUP_ORDER))
+        done = sum(st in ("succeeded", "skipped", "failed", "not_run", "cancelled", "not_started") for st in statuses)
+        label = f"{done}/{len(names)}"
+        failed = statuses.count("failed")
+        if failed:
+            label += f" · {failed} failed"
+        elif statuses.count("running"):
+            label += f" · {statuses.count('running')} running"
+        steps[node] = _GroupStep(worst, label, names)
+    return folded, _Steps(steps), links
+
+
 def scene(graph: Graph, result: Any = None, links: Mapping[str, str] | None = None) -> _Scene:
     """Everything to draw, in SVG pixel coordinates."""
-    links = links or {}
+    graph, result, links = _fold_grids(graph, result, links or {})
     statuses = {name: _status_of(result, name) for name in graph.order}
-    labels = {name: (name, _subtitle(result, name, statuses[name])) for name in graph.order}
+    labels = {name: (_cut(name), _subtitle(result, name, statuses[name])) for name in graph.order}
     if not graph.order:
         text = "no steps: no notebook in this folder has a cell tagged 'parameters'"
         width = text_width(text, _NAME_PX) + 2 * _MARGIN
@@ -499,7 +621,7 @@ def scene(graph: Graph, result: Any = None, links: Mapping[str, str] | None = No
         else:
             items.append(_Text(box.x, box.y + _NAME_PX * 0.36, title, _NAME_PX, style.text, bold=True))
         result_scene.groups.append(_Group(items, title=_step_title(graph, name, result, status),
-                                          link=links.get(name), kind="step"))
+                                          link=links.get(name), kind="step", status=status or ""))
 
     if result is not None:
         _legend(result_scene, statuses)
@@ -523,7 +645,7 @@ def _legend(target: _Scene, statuses: Mapping[str, str | None]) -> None:
         style = _style(status)
         label = f"{style.label} {counts[status]}"
         items.append(_Rect(x, y, 14, 14, style, stroke_width=1.5))
-        items.append(_Text(x + 20, y + 11, label, _SUB_PX, "#495057", anchor="start"))
+        items.append(_Text(x + 20, y + 11, label, _SUB_PX, _LEGEND_TEXT, anchor="start"))
         x += 20 + text_width(label, _SUB_PX) + 18
     target.groups.append(_Group(items, kind="legend"))
     target.width = max(target.width, x - 18 + _MARGIN)
@@ -548,7 +670,8 @@ def _svg_item(item: Any) -> str:
         return f"<rect {attrs}>{pulse}</rect>" if pulse else f"<rect {attrs}/>"
     if isinstance(item, _Text):
         weight = ' font-weight="600"' if item.bold else ""
-        return (f'<text x="{_n(item.x)}" y="{_n(item.y)}" font-size="{_n(item.px)}" fill="{item.color}" '
+        fill = f'style="fill:{item.color}"' if item.color.startswith("var(") else f'fill="{item.color}"'
+        return (f'<text x="{_n(item.x)}" y="{_n(item.y)}" font-size="{_n(item.px)}" {fill} '
                 f'text-anchor="{item.anchor}"{weight}>{escape(item.text)}</text>')
     if isinstance(item, _Curve):
         d = " ".join(cmd + " " + " ".join(_n(v) for v in pts) for cmd, pts in item.points)
@@ -568,6 +691,9 @@ def _render_svg(sc: _Scene) -> str:
            f'font-family={quoteattr(_FONT)} role="img" aria-label="nbflow pipeline graph">']
     for group in sc.groups:
         kind = f' class="nbflow-{group.kind}"' if group.kind else ""
+        if group.status:
+            kind += f' data-status="{group.status}"'
+
         body = "".join(_svg_item(i) for i in group.items)
         title = f"<title>{escape(group.title)}</title>" if group.title else ""
         g = f"<g{kind}>{title}{body}</g>"
@@ -587,10 +713,18 @@ def svg(graph: Graph, result: Any = None, links: Mapping[str, str] | None = None
     return _render_svg(scene(graph, result, links))
 
 
-def html(graph: Graph, result: Any = None, links: Mapping[str, str] | None = None) -> str:
-    """A self-contained HTML fragment (inline SVG, no script, nothing fetched) for Jupyter and the widget."""
-    return (f'<div class="nbflow-graph" style="overflow-x:auto;max-width:100%">'
-            f"{svg(graph, result, links)}</div>")
+def html(graph: Graph, result: Any = None, links: Mapping[str, str] | None = None, *, fit: bool = False) -> str:
+    """A self-contained HTML fragment (inline SVG, no script, nothing fetched) for Jupyter and the widget.
+
+    `fit`: the picture shrinks to the width it is given, to half its size at most; beyond that it scrolls.
+    """
+    sc = scene(graph, result, links)
+    text = _render_svg(sc)
+    if fit:
+        style = f'style="width:100%;max-width:{_n(sc.width)}px;min-width:{_n(sc.width / 2)}px;height:auto" '
+        text = text.replace("<svg ", "<svg " + style, 1)
+    return f'<div class="nbflow-graph" style="overflow-x:auto;max-width:100%">{text}</div>'
+
 
 
 def mermaid(graph: Graph, result: Any = None) -> str:
@@ -629,6 +763,12 @@ def mermaid(graph: Graph, result: Any = None) -> str:
 
 # -- PNG ----------------------------------------------------------------------------------
 
+def _fallback(color: str) -> str:
+    """'#495057' for 'var(--jp-ui-font-color1, #495057)': outside a browser there is no theme."""
+    found = re.fullmatch(r"var\(--[\w-]+,\s*(#[0-9a-fA-F]+)\)", color)
+    return found.group(1) if found else color
+
+
 def _render_png(sc: _Scene, path: Path, scale: float = 2.0) -> None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
@@ -658,7 +798,8 @@ def _render_png(sc: _Scene, path: Path, scale: float = 2.0) -> None:
                     facecolor=s.fill, edgecolor=s.stroke, linewidth=item.stroke_width * pt,
                     linestyle=(0, (5 / 1.5, 3 / 1.5)) if s.dash else "solid", zorder=3))
             elif isinstance(item, _Text):
-                ax.text(item.x, item.y, item.text, fontsize=item.px * pt, color=item.color,
+                color = _fallback(item.color)
+                ax.text(item.x, item.y, item.text, fontsize=item.px * pt, color=color,
                         ha="center" if item.anchor == "middle" else "left", va="baseline",
                         fontweight="bold" if item.bold else "normal", zorder=4)
             elif isinstance(item, _Curve):

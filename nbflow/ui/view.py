@@ -3,20 +3,30 @@
 Owns: what is known about each step while a run goes on (state, attempt,
 progress through its cells, the cell it is in, times, executed notebook,
 error, the note that says why), the run's own state and totals, the words,
-icons and colours of each state, and how a duration is written. The widget,
+icons and colours of each state, how a duration is written, and how a cell
+is named: `In [n]`, its execution count in the executed notebook, the one
+number a Jupyter user sees (the progress `n/total` counts the same cells). The widget,
 the terminal and the log read this; none keeps a picture of its own, so they
 cannot disagree. Imports nothing heavy: no ipywidgets, no rich.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..events import (CellFinished, CellStarted, Event, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus,
+from ..events import (MASK, CellFinished, CellStarted, Event, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus,
                       StepCancelled, StepError, StepFailed, StepNotRun, StepSkipped, StepStarted, StepStatus,
                       StepSucceeded)
+
+from ..params import is_secret_name
+
+if TYPE_CHECKING:
+    from ..graph import Graph
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,11 @@ STATE_STYLES: dict[StepStatus, StateStyle] = {
                                    legend="not run"),
 }
 RETRYING = StateStyle("↻", "retrying", "#e67700", "bold yellow")
+# a step the run was cancelled before it started: nothing of it ran
+NOT_STARTED = StateStyle("○", "not started", "#868e96", "grey50", "#f8f9fa", "#adb5bd", "#868e96", dash=True,
+                         legend="not started")
+# an instance of a parameter grid: `train[alpha=0.1,seed=1]` belongs to the group `train`
+_INSTANCE = re.compile(r"^(?P<base>[^\[\]]+)\[(?P<values>[^\[\]]*)\]$")
 RUN_STYLES: dict[RunStatus, StateStyle] = {
     RunStatus.RUNNING: STATE_STYLES[StepStatus.RUNNING],
     RunStatus.SUCCEEDED: STATE_STYLES[StepStatus.SUCCEEDED],
@@ -73,6 +88,12 @@ def format_duration(seconds: float | None) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def group_of(name: str) -> str | None:
+    """The grid a step is an instance of (`train` for `train[alpha=0.1]`), from its name alone; None if none."""
+    match = _INSTANCE.match(name)
+    return match.group("base") if match else None
+
+
 def not_run_note(because: str) -> str:
     return "--fail-fast: another step failed" if because == "--fail-fast" else f"{because} did not succeed"
 
@@ -95,10 +116,33 @@ class StepView:
     error: StepError | None = None
     note: str = ""  # why it runs, why it was skipped or not run, what it does now
     reasons: tuple[str, ...] = ()
+    executions: dict[int, int] = field(default_factory=dict)  # notebook cell -> n of its In [n] in this run
+    source_line: str = ""  # the first line of the cell running now
+    parameters: dict[str, Any] = field(default_factory=dict)  # effective, secrets masked
+    outputs: tuple[str, ...] = ()  # declared output paths, relative to the pipeline folder
 
     @property
     def style(self) -> StateStyle:
-        return RETRYING if self.retrying else STATE_STYLES[self.status]
+        if self.retrying:
+            return RETRYING
+        return NOT_STARTED if self.never_started else STATE_STYLES[self.status]
+
+    @property
+    def never_started(self) -> bool:
+        """Cancelled before its first attempt began."""
+        return self.status == StepStatus.CANCELLED and self.attempt == 0
+
+    @property
+    def group(self) -> str | None:
+        return group_of(self.name)
+
+    def where(self, cell: int | None) -> str:
+        """A notebook cell as the user sees it in the executed notebook: 'In [3]' (its execution count)."""
+        if cell is None:
+            return ""
+        if cell == 0:
+            return "the injected parameters"
+        return f"In [{self.executions[cell]}]" if cell in self.executions else f"cell {cell}"
 
     @property
     def started(self) -> bool:
@@ -120,8 +164,15 @@ class StepView:
 class RunView:
     """The state of a run, step by step; `apply` each event (a listener may call it as `view(event)`)."""
 
-    def __init__(self, planned: Iterable[PlannedStep] = (), max_attempts: Mapping[str, int] | None = None):
+    def __init__(self, planned: Iterable[PlannedStep] = (), max_attempts: Mapping[str, int] | None = None,
+                 graph: "Graph | None" = None, parameters: Mapping[str, Mapping[str, Any]] | None = None):
+        """`graph` (optional) gives each step its declared outputs, its parameters' defaults and its cells' source;
+        `parameters` the values injected per step (a Plan's)."""
         self.steps: dict[str, StepView] = {}
+        self.graph = graph
+        self._injected = dict(parameters or {})
+        self._sources: dict[str, list[str]] = {}  # step -> its cells' source, read on the first CellStarted
+        self.up_to_date_since = ""  # an all-fresh run: the newest run that made what is current
         self.run_id = ""
         self.root = ""
         self.status = RunStatus.RUNNING
@@ -134,7 +185,40 @@ class RunView:
     def _plan(self, planned: Iterable[PlannedStep]) -> None:
         for p in planned:
             note = "fresh" if p.action == "skip" else "; ".join(p.reasons)
-            self.steps[p.name] = StepView(p.name, self._max_attempts.get(p.name, 1), note=note, reasons=p.reasons)
+            row = StepView(p.name, self._max_attempts.get(p.name, 1), note=note, reasons=p.reasons)
+            self._describe(row)
+            self.steps[p.name] = row
+
+    def _describe(self, row: StepView) -> None:
+        """What the graph declares of a step: its output files and its effective parameters."""
+        step = self.graph.steps.get(row.name) if self.graph is not None else None
+        if step is None:
+            return
+        root = Path(self.graph.root)
+        row.outputs = tuple(Path(os.path.relpath(ref.path, root)).as_posix() for ref in self.graph.outputs_of(row.name)
+                            if not ref.label.startswith("value "))
+        values = {name: p.default for name, p in step.parameters.items() if name not in ("inputs", "outputs")}
+        values.update({k: v for k, v in self._injected.get(row.name, {}).items() if k not in ("inputs", "outputs")})
+        secrets = set(getattr(self.graph.config, "secrets", ()) or ())
+        row.parameters = {k: MASK if k in secrets or is_secret_name(k) else v for k, v in values.items()}
+
+    def _cell_line(self, step: str, cell: int) -> str:
+        """The first line of code of a cell of the step's notebook (comments and blank lines left out)."""
+        if self.graph is None or cell < 1 or step not in self.graph.steps:
+            return ""
+        if step not in self._sources:
+            from ..notebook import cell_source, load_notebook_json  # noqa: PLC0415
+
+            try:
+                nb = load_notebook_json(self.graph.steps[step].path)
+                self._sources[step] = [cell_source(c) for c in nb["cells"]] if isinstance(nb, dict) else []
+            except Exception:  # noqa: BLE001 - edited or removed since the run began: show no line
+                self._sources[step] = []
+        cells = self._sources[step]
+        if cell > len(cells):
+            return ""
+        lines = [ln.strip() for ln in cells[cell - 1].splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        return lines[0] if lines else ""
 
     def __call__(self, event: Event) -> StepView | None:
         return self.apply(event)
@@ -154,20 +238,25 @@ class RunView:
             return None
         if isinstance(event, StepStarted):
             row.status, row.retrying, row.attempt = StepStatus.RUNNING, False, event.attempt
-            row.cells_done, row.cells_total, row.cell = 0, event.total_cells, None
+            row.cells_done, row.cells_total, row.cell, row.executions = 0, event.total_cells, None, {}
+            row.source_line = ""
             row.started_at, row.duration_s, row.notebook, row.error = event.started_at, None, None, None
             if event.attempt == 1 and event.reasons:
                 row.reasons = event.reasons
             row.note = "starting"
         elif isinstance(event, CellStarted):
             row.cells_total, row.cell = event.total, event.cell
-            row.note = f"running cell {event.cell}" if event.cell else "running the injected parameters"
+            if event.cell:
+                row.executions[event.cell] = event.index
+            row.source_line = self._cell_line(row.name, event.cell)
+            row.note = f"running {row.where(event.cell)}"
         elif isinstance(event, CellFinished):
             row.cells_done = event.index if event.ok else event.index - 1
             row.cells_total = event.total
         elif isinstance(event, StepSucceeded):
             row.status, row.attempt, row.duration_s = StepStatus.SUCCEEDED, event.attempt, event.duration_s
             row.notebook, row.cells_done, row.cell, row.note = event.notebook, row.cells_total, None, ""
+            row.source_line = ""
         elif isinstance(event, StepFailed):
             row.attempt, row.notebook = event.attempt, event.notebook or row.notebook
             row.cell = event.error.cell or row.cell
@@ -176,9 +265,9 @@ class RunView:
                 row.note = f"attempt {event.attempt} failed; retry in {event.retry_in_s:g} s"
             else:
                 row.status, row.retrying, row.duration_s = StepStatus.FAILED, False, event.duration_s
-                row.error, row.note = event.error, ""
+                row.error, row.note, row.source_line = event.error, "", ""
         elif isinstance(event, StepCancelled):
-            row.status, row.retrying, row.note = StepStatus.CANCELLED, False, ""
+            row.status, row.retrying, row.note, row.source_line = StepStatus.CANCELLED, False, "", ""
             if event.attempt:
                 row.attempt, row.duration_s = event.attempt, event.duration_s
                 row.notebook = event.notebook or row.notebook
@@ -195,6 +284,8 @@ class RunView:
             row = self.steps.setdefault(name, StepView(name))
             row.status, row.retrying = final.status, False
             row.attempt = final.attempts or row.attempt
+            if row.status != StepStatus.RUNNING:
+                row.source_line = ""
             if final.duration_s is not None:
                 row.duration_s = final.duration_s
             elif row.status in (StepStatus.CANCELLED, StepStatus.FAILED) and row.started_at is not None:
@@ -209,6 +300,44 @@ class RunView:
         for row in self.steps.values():
             counts[row.status] += 1
         return {status: n for status, n in counts.items() if n}
+
+    def tallies(self) -> list[tuple[StateStyle, int]]:
+        """How many steps show each state, in TOTALS_ORDER, 'not started' apart from 'cancelled'."""
+        counts: dict[str, tuple[StateStyle, int]] = {}
+        order = [STATE_STYLES[s].word for s in TOTALS_ORDER]
+        order.insert(order.index("cancelled") + 1, NOT_STARTED.word)
+        for row in self.steps.values():
+            style = NOT_STARTED if row.never_started else STATE_STYLES[row.status]
+            counts[style.word] = (style, counts.get(style.word, (style, 0))[1] + 1)
+        return [counts[word] for word in order if word in counts]
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """Every step was fresh: the run ran nothing."""
+        return bool(self.steps) and all(r.status == StepStatus.SKIPPED for r in self.steps.values())
+
+    def summary(self) -> str:
+        """The run in one line: 'nothing to do: 15 steps up to date since run X' for an all-fresh run."""
+        if self.nothing_to_do and self.result is not None:
+            n = len(self.steps)
+            since = f" since run {self.up_to_date_since}" if self.up_to_date_since else ""
+            return f"nothing to do: {n} step{'s' if n != 1 else ''} up to date{since}"
+        return " · ".join(f"{n} {style.word}" for style, n in self.tallies())
+
+    def groups(self) -> dict[str, list[str]]:
+        """Grid instances by their grid (two or more instances of one base name), in plan order."""
+        found: dict[str, list[str]] = {}
+        for name in self.steps:
+            base = group_of(name)
+            if base is not None:
+                found.setdefault(base, []).append(name)
+        return {base: names for base, names in found.items() if len(names) > 1}
+
+    def to_rerun(self) -> list[str]:
+        """The failed steps and those that did not run because of them: what 'rerun failed' runs."""
+        if not any(r.status == StepStatus.FAILED for r in self.steps.values()):
+            return []
+        return [r.name for r in self.steps.values() if r.status in (StepStatus.FAILED, StepStatus.NOT_RUN)]
 
     @property
     def done(self) -> int:
