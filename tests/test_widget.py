@@ -1,4 +1,4 @@
-"""nbflow.ui.widget without a browser: scripted events in, widget values out."""
+"""nbflow.ui.widget and the RunView it reads, without a browser: scripted events in, the model and its HTML out."""
 
 from __future__ import annotations
 
@@ -10,32 +10,39 @@ import pytest
 
 import nbflow
 from nbflow import api
-from nbflow.events import (CellFinished, CellStarted, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled,
+from nbflow.events import (CellFinished, CellStarted, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled,
                            StepError, StepFailed, StepNotRun, StepResult, StepSkipped, StepStarted, StepStatus,
                            StepSucceeded)
 from nbflow.graph import build_graph
 from nbflow.plan import make_plan
 from nbflow.state import Ledger
+from nbflow.ui import plot
 from nbflow.ui import widget as widget_module
+from nbflow.ui.view import RunView, group_of
 from nbflow.ui.widget import RunWidget
 
 RUN = "20260101T000000-abcdef"
+TRACEBACK = "ValueError                                Traceback (most recent call last)\nCell In[4], line 2\n" \
+            "----> 2     raise ValueError(...)\nValueError: the numbers add up to 55, not 54"
 ERROR = StepError("exception", "ValueError", "the numbers add up to 55, not 54", cell=5,
-                  source_line='raise ValueError(f"the numbers add up to {sum(numbers)}, not 54")')
+                  source_line='raise ValueError(f"the numbers add up to {sum(numbers)}, not 54")', traceback=TRACEBACK)
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 @pytest.fixture
 def pipeline(fixture_pipeline, tmp_path, monkeypatch):
     """widget_step_raises (numbers -> total -> report), run from a notebook in tmp_path."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    monkeypatch.setattr(widget_module, "MIN_PUSH_S", 0.0)  # every event reaches the model at once
     return fixture_pipeline("widget_step_raises")
 
 
-def make_widget(root: Path) -> RunWidget:
+def make_widget(root: Path, parameters: dict | None = None) -> RunWidget:
     graph = build_graph(root)
     ledger = Ledger(graph.state_dir)
     try:
-        plan = make_plan(graph, ledger)
+        plan = make_plan(graph, ledger, (), parameters)
     finally:
         ledger.close()
     return RunWidget(graph, plan)
@@ -49,11 +56,18 @@ def started(w: RunWidget, t0: float) -> None:
     w(RunStarted(RUN, str(w.root), t0, ()))
 
 
+def run_cells(w: RunWidget, step: str, cells: list[int], ok: bool = True, start: int = 1) -> None:
+    """CellStarted/CellFinished for the notebook cells `cells` (as numbered in the notebook, markdown counted),
+    the `start`-th code cell to run first."""
+    total = w.rows[step].cells_total
+    for index, cell in enumerate(cells, start=start):
+        w(CellStarted(step, cell, index, total))
+        w(CellFinished(step, cell, index, total, 0.01, ok or index < start + len(cells) - 1))
+
+
 def succeed(w: RunWidget, step: str, cells: int = 3, t0: float = 0.0) -> None:
     w(StepStarted(step, 1, notebook(step), cells, t0 or time.time()))
-    for i in range(1, cells + 1):
-        w(CellStarted(step, i + 1, i, cells))
-        w(CellFinished(step, i + 1, i, cells, 0.01, True))
+    run_cells(w, step, list(range(2, cells + 2)))
     w(StepSucceeded(step, 1, 1.25, notebook(step), "fp", {}, {}, (), (), t0))
 
 
@@ -63,8 +77,16 @@ def finish(w: RunWidget, status: RunStatus, t0: float, **steps: StepResult) -> R
     return result
 
 
-def text(html_widget) -> str:
-    return html_widget.value
+def body(w: RunWidget) -> str:
+    return w.model.body
+
+
+def row_html(w: RunWidget, step: str) -> str:
+    """The HTML of one step's row."""
+    page = body(w)
+    start = page.index(f'data-step="{step}"')
+    end = page.find('class="nbflow-step"', start + 1)
+    return page[start:end if end > 0 else len(page)]
 
 
 class FakeRunner:
@@ -75,190 +97,270 @@ class FakeRunner:
         self.cancels += 1
 
 
-def test_rows_start_pending_in_plan_order(pipeline):
-    w = make_widget(pipeline)
+# -- the view: one picture of the run ------------------------------------------------------
+
+def test_rows_start_pending_in_plan_order_with_parameters_and_outputs(pipeline):
+    w = make_widget(pipeline, parameters={"numbers.delay": 0.1})
     assert list(w.rows) == ["numbers", "total", "report"]
-    for name in w.rows:
-        parts = w.row_widgets[name]
-        assert "pending" in text(parts.state)
-        assert parts.progress.layout.display == "none"
-        assert text(parts.notebook) == ""
-    assert "3</span> pending" in text(w.totals)
+    numbers = w.rows["numbers"]
+    assert numbers.parameters == {"n": 10, "delay": 0.1}  # effective: the default and the override
+    assert numbers.outputs == ("numbers.txt",)
+    html = row_html(w, "numbers")
+    assert "pending" in html and "nbflow-bar" not in html and "nbflow-link" not in html
+    assert "n = 10, delay = 0.1" in html
+    assert 'data-nbflow-path="widget_step_raises/numbers.txt"' in html  # a declared output opens from the row
+    assert "3</span> pending" in body(w)
 
 
-def test_progress_follows_cells_and_ends_green(pipeline):
+def test_secret_parameters_are_masked(pipeline):
+    (pipeline / "nbflow.yaml").write_text("steps:\n  numbers:\n    parameters: {n: 3}\nsecrets: [n]\n")
+    w = make_widget(pipeline)
+    assert w.rows["numbers"].parameters["n"] == "***"
+    assert "n = &#x27;***&#x27;" in row_html(w, "numbers")
+
+
+def test_progress_and_the_running_cell_with_its_line_numbered_as_in_jupyter(pipeline):
+    """The running cell is In [n] (its execution count in the executed notebook), with its first line of code."""
     w = make_widget(pipeline)
     t0 = time.time()
     started(w, t0)
-    w(StepStarted("numbers", 1, notebook("numbers"), 4, t0))
-    bar = w.row_widgets["numbers"].progress
-    assert "running" in text(w.row_widgets["numbers"].state)
-    assert (bar.value, bar.max, bar.bar_style, bar.layout.display) == (0, 4, "", "")
-    w(CellStarted("numbers", 2, 1, 4))
-    w(CellFinished("numbers", 2, 1, 4, 0.1, True))
-    w(CellStarted("numbers", 3, 2, 4))
-    assert bar.value == 1
-    assert "1/4" in text(w.row_widgets["numbers"].cells)
-    assert "running cell 3" in text(w.row_widgets["numbers"].note)
-    assert text(w.row_widgets["numbers"].notebook) == ""  # no link before the executed copy is written
+    w(StepStarted("numbers", 1, notebook("numbers"), 5, t0))
+    assert "running" in row_html(w, "numbers")
+    w(CellStarted("numbers", 2, 1, 5))
+    w(CellFinished("numbers", 2, 1, 5, 0.1, True))
+    w(CellStarted("numbers", 6, 2, 5))  # notebook cell 6, the second code cell to run
+    numbers = w.rows["numbers"]
+    assert numbers.note == "running In [2]" and numbers.cells == "1/5"
+    assert numbers.source_line == 'with open(outputs["numbers"], "w") as f:'
+    html = row_html(w, "numbers")
+    assert "running In [2]: <code>with open(outputs[&quot;numbers&quot;], &quot;w&quot;) as f:</code>" in html
+    assert 'aria-valuenow="1" aria-valuemax="5"' in html and ">1/5<" in html
+    assert "nbflow-link" not in html  # no link before the executed copy is written
     w(StepSucceeded("numbers", 1, 2.5, notebook("numbers"), "fp", {}, {}, (), (), t0))
-    assert (bar.value, bar.max, bar.bar_style) == (4, 4, "success")
-    assert "succeeded" in text(w.row_widgets["numbers"].state)
-    assert "2.5 s" in text(w.row_widgets["numbers"].elapsed)
-    assert ">1<" in text(w.row_widgets["numbers"].attempts)
-    assert "1</span> succeeded" in text(w.totals)
-    assert "2</span> pending" in text(w.totals)
-    w(RunFinished(RunResult(RUN, str(w.root), RunStatus.FAILED, {}, t0, t0 + 1)))
+    html = row_html(w, "numbers")
+    assert "succeeded" in html and ">5/5<" in html and "2.5 s" in html and "nbflow-live" not in html
+    assert f'data-nbflow-path="widget_step_raises/_nbflow/runs/{RUN}/numbers.ipynb"' in html
+    assert "1</span> succeeded" in body(w) and "2</span> pending" in body(w)
+    finish(w, RunStatus.FAILED, t0)
 
 
-def test_failure_shows_error_cell_and_source_line_and_dependents_not_run(pipeline):
+def test_the_injected_parameters_cell_is_named_so(pipeline):
+    view = RunView([PlannedStep("numbers", "run", ())])
+    view(StepStarted("numbers", 1, notebook("numbers"), 3, 0.0))
+    view(CellStarted("numbers", 0, 1, 3))
+    assert view.steps["numbers"].note == "running the injected parameters"
+
+
+def test_failure_error_in_jupyters_numbers_traceback_on_demand_and_rerun(pipeline):
     w = make_widget(pipeline)
     t0 = time.time()
     started(w, t0)
     succeed(w, "numbers", t0=t0)
     w(StepStarted("total", 1, notebook("total"), 5, t0))
-    for i in range(1, 4):
-        w(CellFinished("total", i + 1, i, 5, 0.01, True))
-    w(CellFinished("total", 5, 4, 5, 0.01, False))
+    w(CellStarted("total", 0, 1, 5))  # injected parameters
+    w(CellFinished("total", 0, 1, 5, 0.01, True))
+    run_cells(w, "total", [2, 3, 4, 5], ok=False, start=2)  # cell 5 is the fifth cell to run: In [5]
     w(StepFailed("total", 1, 0.75, notebook("total"), ERROR))
     w(StepNotRun("report", "total"))
-    parts = w.row_widgets["total"]
-    assert "failed" in text(parts.state)
-    assert (parts.progress.value, parts.progress.max, parts.progress.bar_style) == (3, 5, "danger")  # 3 completed
-    assert "3/5" in text(parts.cells)
-    error = text(parts.error)
-    assert "ValueError: the numbers add up to 55, not 54" in error
-    assert "in cell 5" in error
-    assert "raise ValueError(f&quot;the numbers add up to {sum(numbers)}, not 54&quot;)" in error
-    assert parts.error.layout.display == ""
-    assert w.row_widgets["numbers"].error.layout.display == "none"
-    assert "not run" in text(w.row_widgets["report"].state)
-    assert "total did not succeed" in text(w.row_widgets["report"].note)
-    assert w.row_widgets["report"].progress.layout.display == "none"
-    finish(w, RunStatus.FAILED, t0,
-           numbers=StepResult("numbers", StepStatus.SUCCEEDED, 1, 1.25, notebook("numbers")),
-           total=StepResult("total", StepStatus.FAILED, 1, 0.75, notebook("total"), ERROR),
-           report=StepResult("report", StepStatus.NOT_RUN))
-    totals = text(w.totals)
+    html = row_html(w, "total")
+    assert "failed" in html and ">4/5<" in html
+    assert "ValueError: the numbers add up to 55, not 54" in html
+    assert "In [5]: <code>raise ValueError(f&quot;the numbers add up to {sum(numbers)}, not 54&quot;)</code>" in html
+    assert "cell 5" not in html  # one numbering: the executed notebook's
+    # the traceback is there, folded
+    assert '<details class="nbflow-traceback" data-key="traceback:total"><summary>full traceback</summary>' in html
+    assert "Cell In[4], line 2" in html
+    assert "not run" in row_html(w, "report") and "total did not succeed" in row_html(w, "report")
+    result = finish(w, RunStatus.FAILED, t0,
+                    numbers=StepResult("numbers", StepStatus.SUCCEEDED, 1, 1.25, notebook("numbers")),
+                    total=StepResult("total", StepStatus.FAILED, 1, 0.75, notebook("total"), ERROR),
+                    report=StepResult("report", StepStatus.NOT_RUN))
+    assert w.result is result
+    page = body(w)
     for expected in ("1</span> succeeded", "1</span> failed", "1</span> not run", "7.5 s"):
-        assert expected in totals
-    assert "pending" not in totals and "running" not in totals
-    assert "failed" in text(w.title)
+        assert expected in page
+    assert "pending" not in page and "running" not in page
+    assert w.view.to_rerun() == ["total", "report"]
+    assert "nbflow.run(&#x27;widget_step_raises&#x27;, [&#x27;total&#x27;, &#x27;report&#x27;])" in page
+    assert "failed · In [5]" in w.model.graph  # the graph numbers the cell the same way
 
 
-def test_links_are_relative_to_the_calling_notebook(pipeline, tmp_path, monkeypatch):
+def test_no_rerun_offered_when_nothing_failed(pipeline):
     w = make_widget(pipeline)
-    succeed(w, "numbers")
-    link = text(w.row_widgets["numbers"].notebook)
-    assert f'href="widget_step_raises/_nbflow/runs/{RUN}/numbers.ipynb"' in link
-    assert 'target="_blank"' in link
-    assert w.href(notebook("numbers")) == f"widget_step_raises/_nbflow/runs/{RUN}/numbers.ipynb"
-
-    elsewhere = tmp_path / "analysis"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    other = make_widget(pipeline)
-    assert other.href("_nbflow/runs/x y/total.ipynb") == "../widget_step_raises/_nbflow/runs/x%20y/total.ipynb"
+    t0 = time.time()
+    started(w, t0)
+    w(StepCancelled("numbers", 1, 0.5, notebook("numbers"), t0))
+    finish(w, RunStatus.CANCELLED, t0)
+    assert w.view.to_rerun() == [] and "nbflow-rerun" not in body(w)
 
 
-def test_skipped_cancelled_and_retrying_steps(pipeline):
+def test_steps_cancelled_before_they_started_are_not_started(pipeline):
+    w = make_widget(pipeline)
+    t0 = time.time()
+    started(w, t0)
+    w(StepStarted("numbers", 1, notebook("numbers"), 3, t0))
+    w(StepCancelled("numbers", 1, 0.25, notebook("numbers"), t0))
+    w(StepCancelled("total", 0, 0.0, None))
+    finish(w, RunStatus.CANCELLED, t0,
+           numbers=StepResult("numbers", StepStatus.CANCELLED, 1, 0.25, notebook("numbers")),
+           total=StepResult("total", StepStatus.CANCELLED),
+           report=StepResult("report", StepStatus.CANCELLED))
+    assert [(s.word, n) for s, n in w.view.tallies()] == [("cancelled", 1), ("not started", 2)]
+    assert w.view.summary() == "1 cancelled · 2 not started"
+    assert "cancelled" in row_html(w, "numbers")
+    for step in ("total", "report"):
+        html = row_html(w, step)
+        assert "not started" in html and "cancelled" not in html and 'data-status="not_started"' in html
+    assert "not started 2" in w.model.graph and "cancelled 1" in w.model.graph  # the legend
+    assert "not started" in w.static_text()
+
+
+def test_skipped_and_retrying_steps(pipeline):
     (pipeline / "nbflow.yaml").write_text("steps:\n  total:\n    retries: 2\n")
     w = make_widget(pipeline)
     t0 = time.time()
     started(w, t0)
     w(StepSkipped("numbers", ("fresh",)))
-    assert "skipped" in text(w.row_widgets["numbers"].state)
-    assert "fresh" in text(w.row_widgets["numbers"].note)
-    assert w.row_widgets["numbers"].progress.layout.display == "none"
-
+    assert "skipped" in row_html(w, "numbers") and "fresh" in row_html(w, "numbers")
     w(StepStarted("total", 1, notebook("total"), 3, t0))
     w(StepFailed("total", 1, 0.5, notebook("total"), ERROR, will_retry=True, retry_in_s=1.0))
-    parts = w.row_widgets["total"]
-    assert "retrying" in text(parts.state)
-    assert "attempt 1 failed" in text(parts.note) and "retry in 1 s" in text(parts.note)
-    # the failed attempt's error shows (as in the terminal) until the next attempt starts
-    assert parts.error.layout.display == "" and ERROR.ename in text(parts.error)
+    html = row_html(w, "total")
+    assert "retrying" in html and "attempt 1 failed; retry in 1 s" in html
+    assert "ValueError" in html  # the failed attempt's error shows until the next attempt starts
     w(StepStarted("total", 2, notebook("total"), 3, t0))
-    assert parts.error.layout.display == "none"
-    assert "2 of 3" in text(parts.attempts)
-    assert "running" in text(parts.state) and parts.progress.bar_style == ""
-    w(StepCancelled("total", 2, 0.25, notebook("total"), t0))
-    w(StepCancelled("report", 0, 0.0, None))
-    assert "cancelled" in text(parts.state)
-    assert parts.progress.bar_style == "warning"
-    assert "cancelled" in text(w.row_widgets["report"].state)
-    assert text(w.row_widgets["report"].notebook) == ""
-    finish(w, RunStatus.CANCELLED, t0,
-           numbers=StepResult("numbers", StepStatus.SKIPPED),
-           total=StepResult("total", StepStatus.CANCELLED, 2, 0.25, notebook("total")),
-           report=StepResult("report", StepStatus.CANCELLED))
-    assert "cancelled" in text(w.title)
-    assert "2</span> cancelled" in text(w.totals) and "1</span> skipped" in text(w.totals)
+    html = row_html(w, "total")
+    assert "ValueError" not in html and "attempt 2 of 3" in html and "running" in html
+    finish(w, RunStatus.CANCELLED, t0)
 
 
-def in_thread(target, *args) -> None:
-    thread = threading.Thread(target=target, args=args)
-    thread.start()
-    thread.join()
+def test_an_all_fresh_run_is_one_line_saying_since_when(fixture_pipeline, tmp_path, monkeypatch, shown):
+    monkeypatch.chdir(tmp_path)
+    root = fixture_pipeline("widget_slow_steps")
+    first = nbflow.run(root, parameters={"delay": 0}, display=False)
+    assert isinstance(first, RunResult) and first.ok
+    again = nbflow.run(root, parameters={"delay": 0}, display=True)
+    [w] = shown
+    assert isinstance(again, RunResult) and all(s.status == StepStatus.SKIPPED for s in again.steps.values())
+    assert w.view.nothing_to_do
+    assert w.view.summary() == f"nothing to do: 2 steps up to date since run {first.run_id}"
+    page = body(w)
+    assert f"nothing to do: 2 steps up to date since run {first.run_id}" in page
+    assert page.startswith('<details class="nbflow-run" data-key="run" style=')  # folded: opens onto the steps
 
 
-@pytest.mark.parametrize("from_main_thread", [False, True])
-def test_cancel_button_calls_runner_cancel_when_a_click_can_reach_the_kernel(pipeline, from_main_thread):
-    """A background run, or a blocking one waited for with UI events processed: the events' thread does not matter."""
+def test_grid_instances_are_grouped_by_name_failures_first(tmp_path, monkeypatch, notebook_factory):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(widget_module, "MIN_PUSH_S", 0.0)
+    root = tmp_path / "grid"
+    names = [f"train[alpha={a},seed={s}]" for a in range(12) for s in range(4)]
+    for name in names:
+        notebook_factory(root / f"{name}.ipynb", f'inputs = {{}}\noutputs = {{"s": "{name}.txt"}}', "pass")
+    notebook_factory(root / "other.ipynb", "inputs = {}\noutputs = {}", "pass")
+    assert group_of(names[0]) == "train" and group_of("other") is None and group_of("a[b]c") is None
+    w = make_widget(root)
+    names = [n for n in w.rows if n != "other"]  # in the plan's order
+    assert w.view.groups() == {"train": names} and len(names) == 48
+    t0 = time.time()
+    started(w, t0)
+    for name in names[:40]:
+        succeed(w, name, cells=1, t0=t0)
+    w(StepStarted(names[40], 1, notebook(names[40]), 1, t0))
+    w(StepFailed(names[40], 1, 0.1, notebook(names[40]), ERROR))
+    page = body(w)
+    group = page[page.index('data-group="train"'):]
+    assert ">41/48<" in group and "1</span> failed" in group and "40</span> succeeded" in group
+    assert group.index(f'data-step="{names[40]}"') < group.index(f'data-step="{names[0]}"')  # failures first
+    assert page.count('class="nbflow-group"') == 1
+    graph = w.model.graph
+    assert graph.count('class="nbflow-step"') == 2  # train[…] and other
+    assert "train[…]" in graph and "41/48 · 1 failed" in graph
+    finish(w, RunStatus.FAILED, t0)
+
+
+def test_plot_folds_a_grid_into_one_node(tmp_path, notebook_factory):
+    root = tmp_path / "p"
+    notebook_factory(root / "prep.ipynb", 'inputs = {}\noutputs = {"d": "d.csv"}', "pass")
+    for a in (1, 2, 3):
+        notebook_factory(root / f"train[alpha={a}].ipynb",
+                         f'inputs = {{"d": "d.csv"}}\noutputs = {{"m": "m/alpha={a}.txt"}}', "pass")
+    notebook_factory(root / "report.ipynb", 'inputs = {"m": ["m/alpha=1.txt", "m/alpha=2.txt", "m/alpha=3.txt"]}\n'
+                     'outputs = {}', "pass")
+    graph = build_graph(root)
+    svg = plot.svg(graph)
+    assert svg.count('class="nbflow-step"') == 3 and svg.count('class="nbflow-edge"') == 2
+    assert "3 grid instances" in svg
+
+
+def test_the_graph_fits_the_width_and_its_legend_takes_the_themes_text_colour(pipeline):
     w = make_widget(pipeline)
-    assert w.cancel_button.disabled  # nothing to cancel before attach
+    started(w, time.time())
+    graph = w.model.graph
+    assert 'style="width:100%;max-width:' in graph and "height:auto" in graph
+    assert "fill:var(--jp-ui-font-color1, #495057)" in graph
+
+
+def test_links_are_relative_to_the_calling_notebooks_folder(pipeline, tmp_path, monkeypatch):
+    w = make_widget(pipeline)
+    succeed(w, "numbers")
+    html = row_html(w, "numbers")
+    assert f'href="widget_step_raises/_nbflow/runs/{RUN}/numbers.ipynb"' in html
+    assert f'data-nbflow-path="widget_step_raises/_nbflow/runs/{RUN}/numbers.ipynb"' in html
+    assert 'target="_blank"' in html  # a static copy (nbconvert): a plain file link
+
+    # Jupyter Server tells the kernel its notebook: that folder counts, not the working folder
+    elsewhere = tmp_path / "analysis"
+    elsewhere.mkdir()
+    monkeypatch.setenv("JPY_SESSION_NAME", str(elsewhere / "driver.ipynb"))
+    other = make_widget(pipeline)
+    assert other.href("_nbflow/runs/x y/total.ipynb") == "../widget_step_raises/_nbflow/runs/x%20y/total.ipynb"
+    assert other.model.controls["cancel_path"].startswith("../widget_step_raises/_nbflow/cancel-")
+
+
+# -- cancel -------------------------------------------------------------------------------
+
+def test_cancel_by_message_calls_cancel_once(pipeline):
+    w = make_widget(pipeline)
+    assert not w.model.controls["attached"]
+    w._on_message(w.model, {"cancel": True}, [])  # before attach: nothing to cancel
     runner = FakeRunner()
-    w.attach(runner, can_cancel=True)  # type: ignore[arg-type]
-    assert not w.cancel_button.disabled and w.cancel_button.description == "Cancel"
-    if from_main_thread:
-        started(w, time.time())
-    else:
-        in_thread(started, w, time.time())
-    assert not w.blocking
-    assert not w.cancel_button.disabled and w.cancel_button.description == "Cancel"
-    w.cancel_button.click()
-    assert runner.cancels == 1
-    assert w.cancel_button.disabled and w.cancel_button.description == "Cancelling…"
-    w.cancel_button.click()  # a second click is ignored
+    w.attach(runner.cancel, holds_kernel=False, background=True)
+    assert w.model.controls["attached"] and not w.model.controls["holds_kernel"]
+    started(w, time.time())
+    w._on_message(w.model, {"cancel": True}, [])
+    assert runner.cancels == 1 and w.model.controls["cancelling"]
+    w._on_message(w.model, {"cancel": True}, [])  # a second click is ignored
     assert runner.cancels == 1
     finish(w, RunStatus.CANCELLED, time.time())
-    assert w.cancel_button.layout.display == "none"
+    assert w.model.controls["finished"]
+    w._on_message(w.model, {"cancel": True}, [])
+    assert runner.cancels == 1
 
 
-@pytest.mark.parametrize("from_main_thread", [False, True])
-def test_a_run_that_holds_the_kernel_points_to_the_kernel_interrupt(pipeline, from_main_thread):
+def test_cancel_by_the_request_file_while_the_kernel_is_busy(pipeline, monkeypatch):
+    """The front end writes the request through the Jupyter server; the timer thread sees it, whatever the
+    kernel's main thread does."""
+    monkeypatch.setattr(widget_module, "TICK_S", 0.02)
     w = make_widget(pipeline)
     runner = FakeRunner()
-    w.attach(runner, can_cancel=False)  # type: ignore[arg-type]
-    assert w.blocking and w.cancel_button.disabled  # at once, before the run starts
-    assert "Interrupt the kernel" in w.cancel_button.description
-    if from_main_thread:
-        started(w, time.time())
-    else:
-        in_thread(started, w, time.time())
-    assert w.blocking
-    assert w.cancel_button.disabled
-    assert "Interrupt the kernel" in w.cancel_button.description
+    w.attach(runner.cancel, holds_kernel=True)
+    assert w.model.controls["holds_kernel"]
+    assert w.model.controls["cancel_path"] == f"widget_step_raises/_nbflow/{w.cancel_file.name}"
+    started(w, time.time())
+    w.cancel_file.write_text("cancel\n")
+    deadline = time.time() + 5
+    while runner.cancels == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    assert runner.cancels == 1 and not w.cancel_file.exists()
+    finish(w, RunStatus.CANCELLED, time.time())
+
+
+def test_the_request_file_is_removed_when_the_run_ends(pipeline):
+    w = make_widget(pipeline)
+    w.attach(FakeRunner().cancel, holds_kernel=True)
+    started(w, time.time())
+    w.cancel_file.write_text("cancel\n")  # written just as the run ended
     finish(w, RunStatus.SUCCEEDED, time.time())
-    w.cancel_button.click()  # a click read only after the run ended does nothing
-    assert runner.cancels == 0
-    assert w.cancel_button.layout.display == "none"
-
-
-def test_without_can_cancel_the_thread_the_run_starts_on_decides(pipeline):
-    """attach(runner) alone: a run started on the main thread holds the kernel, one on another thread does not."""
-    blocking = make_widget(pipeline)
-    blocking.attach(FakeRunner())  # type: ignore[arg-type]
-    started(blocking, time.time())
-    assert blocking.blocking and "Interrupt the kernel" in blocking.cancel_button.description
-    finish(blocking, RunStatus.SUCCEEDED, time.time())
-
-    background = make_widget(pipeline)
-    background.attach(FakeRunner())  # type: ignore[arg-type]
-    in_thread(started, background, time.time())
-    assert not background.blocking and background.cancel_button.description == "Cancel"
-    assert not background.cancel_button.disabled
-    finish(background, RunStatus.SUCCEEDED, time.time())
+    assert not w.cancel_file.exists()
 
 
 class FakeUiEvents:
@@ -290,9 +392,8 @@ class FakeUiEvents:
 
 
 def click_cancel(w: RunWidget) -> None:
-    assert not w.blocking
-    assert not w.cancel_button.disabled and w.cancel_button.description == "Cancel"
-    w.cancel_button.click()
+    assert not w.holds_kernel
+    w._on_message(w.model, {"cancel": True}, [])  # what the button's comm message does
 
 
 def interrupt_the_kernel(w: RunWidget) -> None:
@@ -327,25 +428,60 @@ def test_a_blocking_run_waits_processing_ui_events_and_cancels_cleanly(fixture_p
     assert numbers.status == StepStatus.CANCELLED
     assert numbers.notebook and (root / numbers.notebook).exists()  # the running step's executed notebook is kept
     assert result.steps["total"].status in (StepStatus.CANCELLED, StepStatus.NOT_RUN)
-    assert w.result is result and "cancelled" in text(w.title)
+    assert w.result is result and "cancelled" in body(w)
     assert result.duration_s < 15  # stopped early, not after the 3 x 3 s of sleeping cells
 
 
 def test_a_blocking_run_without_ui_polling_holds_the_kernel(fixture_pipeline, monkeypatch, shown):
-    """ipykernel 7, or no jupyter-ui-poll: the run uses the cell's thread and the widget points to the interrupt."""
+    """ipykernel 7, or no jupyter-ui-poll: the run uses the cell's thread; the front end goes through the server."""
     root = fixture_pipeline("widget_slow_steps")
     monkeypatch.setattr(api, "_ui_poller", lambda: None)
-    seen: list[tuple[str, bool, str]] = []
+    seen: list[tuple[str, bool]] = []
 
     def listener(event) -> None:
         if isinstance(event, RunStarted):
             [w] = shown
-            seen.append((threading.current_thread().name, w.blocking, w.cancel_button.description))
+            seen.append((threading.current_thread().name, w.model.controls["holds_kernel"]))
 
     result = nbflow.run(root, ["numbers"], parameters={"delay": 0}, display=True, listeners=[listener])
     assert result.ok
-    [(thread, blocking, label)] = seen
-    assert thread == threading.main_thread().name and blocking and "Interrupt the kernel" in label
+    assert seen == [(threading.main_thread().name, True)]
+
+
+def test_a_blocking_run_cancelled_through_the_request_file(fixture_pipeline, monkeypatch, shown):
+    """ipykernel 7: the cell holds the kernel, the Cancel button's request file still stops the run."""
+    root = fixture_pipeline("widget_slow_steps")
+    monkeypatch.setattr(api, "_ui_poller", lambda: None)
+    monkeypatch.setattr(widget_module, "TICK_S", 0.05)
+
+    def listener(event) -> None:
+        if isinstance(event, CellFinished) and event.step == "numbers" and event.index == 2:
+            [w] = shown
+            w.cancel_file.write_text("cancel\n")
+
+    result = nbflow.run(root, parameters={"delay": 3}, display=True, listeners=[listener])
+    assert isinstance(result, RunResult) and result.status == RunStatus.CANCELLED
+    assert result.duration_s < 15
+    assert result.steps["total"].status in (StepStatus.CANCELLED, StepStatus.NOT_RUN)
+
+
+def test_waiting_for_a_background_run_and_interrupting_cancels_it(fixture_pipeline, monkeypatch):
+    root = fixture_pipeline("widget_slow_steps")
+    handle = nbflow.run(root, parameters={"delay": 3}, background=True, display=False)
+    assert isinstance(handle, api.RunHandle)
+    real_wait = handle._finished.wait
+    calls = []
+
+    def interrupted_once(timeout=None):
+        calls.append(timeout)
+        if len(calls) == 1:
+            real_wait(2)  # the run is under way
+            raise KeyboardInterrupt  # the kernel's interrupt, while the cell waits
+        return real_wait(timeout)
+
+    monkeypatch.setattr(handle._finished, "wait", interrupted_once)
+    result = handle.wait()
+    assert result is not None and result.status == RunStatus.CANCELLED and result.duration_s < 15
 
 
 def test_ui_polling_only_where_it_can_deliver_clicks(monkeypatch):
@@ -359,7 +495,9 @@ def test_ui_polling_only_where_it_can_deliver_clicks(monkeypatch):
     monkeypatch.setattr(ipykernel, "__version__", "6.31.0")
     assert api._ui_poller() is jupyter_ui_poll.ui_events
     found: list = []
-    in_thread(lambda: found.append(api._ui_poller()))
+    thread = threading.Thread(target=lambda: found.append(api._ui_poller()))
+    thread.start()
+    thread.join()
     assert found == [None]
     for version in ("7.0.1", "7.4.0", "8.0.0"):
         monkeypatch.setattr(ipykernel, "__version__", version)
@@ -369,19 +507,19 @@ def test_ui_polling_only_where_it_can_deliver_clicks(monkeypatch):
     assert api._ui_poller() is None
 
 
+# -- the timer, the throttle, the display -----------------------------------------------------
+
 def test_timer_moves_elapsed_while_running_and_stops_at_run_finished(pipeline, monkeypatch):
     monkeypatch.setattr(widget_module, "TICK_S", 0.02)
     w = make_widget(pipeline)
     t0 = time.time()
     started(w, t0)
     w(StepStarted("numbers", 1, notebook("numbers"), 3, t0 - 5))
-    elapsed = w.row_widgets["numbers"].elapsed
-    first = text(elapsed)
+    first = row_html(w, "numbers")
     deadline = time.time() + 5
-    while text(elapsed) == first and time.time() < deadline:
+    while row_html(w, "numbers") == first and time.time() < deadline:
         time.sleep(0.01)
-    assert text(elapsed) != first
-    assert float(text(elapsed).split(">")[1].split(" ")[0]) >= 5.0
+    assert row_html(w, "numbers") != first
     assert w._timer is not None and w._timer.is_alive()
     finish(w, RunStatus.SUCCEEDED, t0)
     w._timer.join(1)
@@ -400,16 +538,34 @@ def test_the_timer_ends_with_the_run(pipeline, monkeypatch):
     assert time.time() - t0 < 5
 
 
-def test_graph_is_redrawn_on_state_changes_only(pipeline, monkeypatch):
-    from nbflow.ui import plot
-
+def test_cell_by_cell_progress_is_sent_at_most_every_min_push_s(pipeline, monkeypatch):
+    monkeypatch.setattr(widget_module, "MIN_PUSH_S", 60.0)
+    monkeypatch.setattr(widget_module, "TICK_S", 60.0)
     w = make_widget(pipeline)
-    assert all(f">{name}<" in text(w.graph_view) for name in w.rows)
+    t0 = time.time()
+    started(w, t0)
+    w(StepStarted("numbers", 1, notebook("numbers"), 5, t0))  # a change of state: sent at once
+    assert "running" in row_html(w, "numbers")
+    sent = []
+    w.model.observe(lambda change: sent.append(change), names="body")
+    for index in range(1, 5):
+        w(CellStarted("numbers", index + 1, index, 5))
+        w(CellFinished("numbers", index + 1, index, 5, 0.01, True))
+    assert sent == [] and w._dirty  # kept for the timer's next tick
+    w(StepSucceeded("numbers", 1, 1.0, notebook("numbers"), "fp", {}, {}, (), (), t0))
+    assert len(sent) == 1 and ">5/5<" in row_html(w, "numbers")
+    finish(w, RunStatus.FAILED, t0)
+
+
+def test_graph_is_redrawn_on_state_changes_only(pipeline, monkeypatch):
+    w = make_widget(pipeline)
+    assert all(f">{name}<" in w.model.graph for name in w.rows)
     calls = []
     real = plot.html
     monkeypatch.setattr(plot, "html", lambda *a, **k: calls.append(a) or real(*a, **k))
     t0 = time.time()
     started(w, t0)
+    calls.clear()
     w(StepStarted("numbers", 1, notebook("numbers"), 3, t0))
     assert len(calls) == 1
     w(CellStarted("numbers", 2, 1, 3))
@@ -417,14 +573,15 @@ def test_graph_is_redrawn_on_state_changes_only(pipeline, monkeypatch):
     assert len(calls) == 1
     w(StepSucceeded("numbers", 1, 1.0, notebook("numbers"), "fp", {}, {}, (), (), t0))
     assert len(calls) == 2
-    snapshot = calls[-1][1]
-    assert snapshot.steps["numbers"].status == StepStatus.SUCCEEDED
-    assert snapshot.steps["total"].status == StepStatus.PENDING
-    assert f"widget_step_raises/_nbflow/runs/{RUN}/numbers.ipynb" in text(w.graph_view)  # boxes link too
+    shown = calls[-1][1]
+    assert shown.steps["numbers"].status == "succeeded" and shown.steps["total"].status == "pending"
+    assert f"widget_step_raises/_nbflow/runs/{RUN}/numbers.ipynb" in w.model.graph  # boxes link too
     finish(w, RunStatus.FAILED, t0)
 
 
-def test_saved_notebook_keeps_the_final_state_as_html(pipeline, monkeypatch):
+def test_the_saved_notebook_keeps_the_final_state_as_static_html_only(pipeline, monkeypatch):
+    """The widget view is replaced when the run ends: a notebook reopened without its kernel shows the run,
+    never 'model not found'."""
     displayed = []
 
     class Handle:
@@ -438,9 +595,11 @@ def test_saved_notebook_keeps_the_final_state_as_html(pipeline, monkeypatch):
 
     monkeypatch.setattr("IPython.display.display", display)
     w = make_widget(pipeline)
+    closed = []
+    monkeypatch.setattr(w.model, "close", lambda: closed.append(True))  # outside a kernel no comm is open
     w.show()
     first = displayed[0]
-    assert first["application/vnd.jupyter.widget-view+json"]["model_id"] == w.box.model_id
+    assert first[WIDGET_VIEW]["model_id"] == w.model.model_id  # live while it runs
     assert "pending" in first["text/html"]
     t0 = time.time()
     started(w, t0)
@@ -454,11 +613,23 @@ def test_saved_notebook_keeps_the_final_state_as_html(pipeline, monkeypatch):
            total=StepResult("total", StepStatus.FAILED, 1, 0.75, notebook("total"), ERROR),
            report=StepResult("report", StepStatus.NOT_RUN))
     final = displayed[-1]
-    assert final["application/vnd.jupyter.widget-view+json"]["model_id"] == w.box.model_id
+    assert set(final) == {"text/html", "text/plain"}  # no widget view left to look up
     page = final["text/html"]
-    for expected in ("succeeded", "failed", "not run", "ValueError: the numbers add up to 55, not 54", "cell 5",
-                     f'href="widget_step_raises/_nbflow/runs/{RUN}/total.ipynb"', RUN):
+    for expected in ("succeeded", "failed", "not run", "ValueError: the numbers add up to 55, not 54",
+                     f'href="widget_step_raises/_nbflow/runs/{RUN}/total.ipynb"', RUN, "<style>", "<svg"):
         assert expected in page
+    assert "nbflow-graph-slot" not in page and "<a href=" not in page.split("<svg", 1)[1]  # no links in the SVG
     assert "pending" not in page and "running" not in page
     plain = final["text/plain"]
     assert "failed" in plain and "ValueError" in plain
+    assert closed == [True]  # the live model is closed: nothing of it is left in the kernel
+
+
+def test_a_background_run_announces_its_end(pipeline):
+    w = make_widget(pipeline)
+    w.attach(FakeRunner().cancel, holds_kernel=False, background=True)
+    t0 = time.time()
+    started(w, t0)
+    assert "nbflow-notice" not in body(w)
+    finish(w, RunStatus.SUCCEEDED, t0)
+    assert "the background run ended at" in body(w)

@@ -1,93 +1,111 @@
 """The live status widget shown when `nbflow.run` is called inside Jupyter.
 
-Owns: presenting a run's events with ipywidgets (one row per step, the run's
-totals, the graph coloured by state, a Cancel button), the timer thread that
-keeps elapsed times moving while steps run, and the static HTML that stays in
-a saved notebook for viewers without widget state (GitHub, nbviewer). It is a
-listener: it reads events and calls nothing on the Runner but `cancel()`.
-ipywidgets is imported here and nowhere else in nbflow.
+Owns: presenting a run's events in the notebook (one row per step, grid
+instances grouped, the run's totals, the graph coloured by state, a Cancel
+button), the timer thread that keeps elapsed times moving and watches for a
+cancel request, and the static HTML that replaces the widget when the run
+ends, so that a saved notebook shows the run's final state everywhere (Lab,
+Notebook 7, VS Code, nbconvert, GitHub) with or without a kernel, never
+"model not found". It is a listener: it reads events, the RunView holds the
+picture, and the only thing it calls is the `cancel` it was given. anywidget
+and ipywidgets are imported here and nowhere else in nbflow.
 
-Widget values are set from the Runner's thread and from the timer thread:
-ipywidgets sends each change as a comm message on IOPub, which works from any
-thread, so the frontend updates while the cell is busy. Clicks, though, arrive
-on the shell channel, which the kernel reads only between cells. Whoever
-starts the run says whether a click can reach the kernel while it goes on
-(`attach(runner, can_cancel=...)`): yes for a background run, and for a
-blocking run that `nbflow.run` waits for while processing UI events
-(jupyter-ui-poll); no for a blocking run on the cell's own thread, where the
-way to stop it is the kernel's interrupt (the Runner turns KeyboardInterrupt
-into a clean cancel), and the widget says so.
+The HTML is made here, in Python, once, for the live widget and the static
+copy alike; the front end (widget.js) only places it and adds what needs a
+browser: open/closed sections kept across updates, links that open notebooks
+inside the running Jupyter, and the Cancel button.
+
+Cancel. Widget values are sent from the Runner's and the timer's threads as
+comm messages on IOPub, which works while a cell runs. Clicks come back on the
+shell channel, which the kernel reads only between cells (ipykernel 7 even
+with jupyter-ui-poll). So the button does not rely on it alone: it (1) sends
+the click as a comm message, which arrives when the kernel is free (a
+background run), and (2) asks the Jupyter server to write a cancel-request
+file into the pipeline's `_nbflow/` (contents API), which the timer thread
+here watches whatever the kernel's main thread does; (3) when that file
+cannot be written (the pipeline is outside the server's root) and the run
+holds the kernel, it interrupts the kernel (REST API), which the Runner turns
+into a clean cancel. Without a Jupyter server (VS Code) only (1) works: the
+button says so before it is pressed.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import re
+import secrets
 import threading
 import time
-import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-import ipywidgets as w
+import anywidget
+import traitlets
 
-from ..events import Event, RunFinished, RunResult, RunStarted, RunStatus, StepFailed, StepStarted, StepStatus
+from ..events import Event, RunFinished, RunResult, RunStarted, StepFailed, StepStarted, StepStatus
 from .view import RUN_STYLES, STATE_STYLES, RunView, StateStyle, StepView, format_duration
 
 if TYPE_CHECKING:
-    from ..execute import Runner
     from ..graph import Graph
     from ..plan import Plan
 
-TICK_S = 0.5  # how often elapsed times move while steps run
+TICK_S = 0.25  # how often elapsed times move and the cancel request is looked for
+MIN_PUSH_S = 0.15  # cell-by-cell progress is sent at most this often (a 50-step run stays light)
+HERE = Path(__file__).parent
+CSS = (HERE / "widget.css").read_text(encoding="utf-8")
 
-OUTLINED = {"pending": "solid", "not run": "dashed"}  # label -> border style
-BAR_STYLES = {StepStatus.SUCCEEDED: "success", StepStatus.FAILED: "danger", StepStatus.CANCELLED: "warning"}
+OUTLINED = {"pending": "solid", "not run": "dashed", "not started": "dashed"}  # label -> border style
+BAR_COLOURS = {StepStatus.SUCCEEDED: STATE_STYLES[StepStatus.SUCCEEDED].colour,
+               StepStatus.FAILED: STATE_STYLES[StepStatus.FAILED].colour,
+               StepStatus.CANCELLED: STATE_STYLES[StepStatus.CANCELLED].colour,
+               StepStatus.RUNNING: STATE_STYLES[StepStatus.RUNNING].colour}
+# failures first in a group of grid instances, then what runs, then the rest
+GROUP_ORDER = {StepStatus.FAILED: 0, StepStatus.RUNNING: 1, StepStatus.CANCELLED: 2, StepStatus.NOT_RUN: 3,
+               StepStatus.PENDING: 4, StepStatus.SUCCEEDED: 5, StepStatus.SKIPPED: 6}
+MANY_ROWS = 20  # more rows than this scroll inside the widget
 
-# Jupyter's theme variables, with fallbacks for frontends that lack them: readable in light and dark themes
 MUTED = "var(--jp-ui-font-color2, #616161)"
 MONO = "var(--jp-code-font-family, monospace)"
 ERROR_RED = "var(--jp-error-color1, #c62828)"
 
-# column widths, shared by the column titles, the rows and the static table
-WIDTHS = {"state": "9.5em", "progress": "150px", "cells": "4.5em", "elapsed": "6em", "attempts": "5.5em",
-          "notebook": "13em"}
 
+class RunModel(anywidget.AnyWidget):
+    """The front end's half: the HTML to show, the graph, and what the Cancel button can do."""
 
-@dataclass
-class RowWidgets:
-    name: Any
-    state: Any
-    progress: Any
-    cells: Any
-    elapsed: Any
-    attempts: Any
-    notebook: Any
-    note: Any
-    error: Any
-    box: Any = None
+    _esm = HERE / "widget.js"
+    _css = HERE / "widget.css"
+    body = traitlets.Unicode("").tag(sync=True)
+    graph = traitlets.Unicode("").tag(sync=True)
+    # holds_kernel, background, kernel_id, cancel_path (relative to the notebook's folder), attached,
+    # cancelling, finished
+    controls = traitlets.Dict({}).tag(sync=True)
 
 
 class RunWidget:
-    """The live view of one run: `show()` it, pass it to the Runner as a listener, `attach(runner)`."""
+    """The live view of one run: `show()` it, pass it to the Runner as a listener, `attach(cancel, ...)`."""
 
     def __init__(self, graph: "Graph", plan: "Plan"):
         self.graph = graph
         self.root = Path(graph.root)
-        self.cwd = Path.cwd()  # the notebook calling nbflow.run: links are relative to it
-        self.view = RunView(plan.steps, {p.name: graph.config.for_step(p.name).retries + 1 for p in plan.steps})
-        self.runner: "Runner | None" = None
-        self.blocking = False  # the run holds the kernel: clicks wait until the cell ends
-        self._can_cancel: bool | None = None  # set by attach(); None: guessed from the thread at RunStarted
+        self.notebook_dir = _notebook_dir()  # links are relative to the notebook calling nbflow.run
+        self.view = RunView(plan.steps, {p.name: graph.config.for_step(p.name).retries + 1 for p in plan.steps},
+                            graph=graph, parameters=plan.parameters)
+        self._cancel: Callable[[], None] | None = None
+        self.holds_kernel = False  # the run holds the kernel's main thread: clicks wait until the cell ends
+        self.background = False
         self.cancel_requested = False
+        self.cancel_file = Path(graph.state_dir) / f"cancel-{secrets.token_hex(8)}"
         self._lock = threading.RLock()
         self._ticking = threading.Event()
         self._stop_ticking = threading.Event()  # wakes the timer at once when the run ends
         self._timer: threading.Thread | None = None
         self._handle: Any = None
-        self._build()
-        self._refresh_all()
+        self._pushed_at = 0.0
+        self._dirty = False
+        self.model = RunModel(controls=self._controls())
+        self.model.on_msg(self._on_message)
+        self._push(graph=True)
 
     @property
     def rows(self) -> dict[str, StepView]:
@@ -102,37 +120,34 @@ class RunWidget:
         return self.view.run_id
 
     # -- public ----------------------------------------------------------------------
-    def attach(self, runner: "Runner", can_cancel: bool | None = None) -> None:
-        """Let the Cancel button stop `runner`.
+    def attach(self, cancel: Callable[[], None], *, holds_kernel: bool, background: bool = False) -> None:
+        """Let the Cancel button call `cancel` (the Runner's).
 
-        `can_cancel`: whether a click reaches the kernel while the run goes on
-        (False: the run holds the kernel, so the button points to the kernel's
-        interrupt instead). None guesses from the thread the run starts on: the
-        main thread holds the kernel.
+        `holds_kernel`: the run goes on in the cell's own thread, so the kernel
+        reads no click until it ends (the button then goes through the Jupyter
+        server, or says to interrupt the kernel where there is none).
+        `background`: the cell returned at once; the end of the run is announced.
         """
         with self._lock:
-            self.runner = runner
-            self._can_cancel = can_cancel
-            if can_cancel is not None:
-                self.blocking = not can_cancel
-            self.cancel_button.disabled = False
-            self._refresh_header()
+            self._cancel = cancel
+            self.holds_kernel, self.background = holds_kernel, background
+            self._set_controls()
 
     def show(self) -> None:
-        """Display the widget, with a text/html twin that is replaced by the final table when the run ends."""
+        """Display the widget, with a static twin; both are replaced by the final static HTML when the run ends."""
         from IPython.display import display  # noqa: PLC0415
 
+        self._set_controls(kernel_id=_kernel_id())
         self._handle = display(self._mimebundle(), raw=True, display_id=True)
 
     def cancel(self) -> None:
-        """What the Cancel button does."""
+        """What the Cancel button does, by whichever way its click arrives."""
         with self._lock:
-            if self.runner is None or self.result is not None or self.cancel_requested:
+            if self._cancel is None or self.result is not None or self.cancel_requested:
                 return
             self.cancel_requested = True
-            self.cancel_button.disabled = True
-            self.cancel_button.description = "Cancelling…"
-        self.runner.cancel()
+            self._set_controls()
+        self._cancel()
 
     def __call__(self, event: Event) -> None:
         with self._lock:
@@ -146,9 +161,7 @@ class RunWidget:
         before = {name: row.status for name, row in self.rows.items()}
         row = self.view.apply(event)
         if isinstance(event, RunStarted):
-            if self._can_cancel is None:
-                self.blocking = threading.current_thread() is threading.main_thread()
-            self._refresh_header()
+            self._push(graph=True)
             self._start_timer()
             return
         if isinstance(event, RunFinished):
@@ -156,21 +169,25 @@ class RunWidget:
             return
         if row is None:
             return
-        now = time.time()
-        self._refresh_row(row, now)
-        if row.status != before.get(row.name) or isinstance(event, (StepStarted, StepFailed)):
-            self._refresh_header()
-            self._refresh_graph()
-        else:
-            self._set(self.totals, "value", self._totals_html(now))  # the run's elapsed time with the row's
+        changed = row.status != before.get(row.name) or isinstance(event, (StepStarted, StepFailed))
+        self._push(graph=changed, now=changed)
 
     def _finish(self) -> None:
         self._ticking.clear()
         self._stop_ticking.set()
-        self.cancel_button.layout.display = "none"
-        self._refresh_all()
+        if self.view.nothing_to_do:
+            self.view.up_to_date_since = _newest_success(self.graph, list(self.rows))
+        self._remove_cancel_file()
+        self._set_controls()
+        self._push(graph=True)
         if self._handle is not None:
-            self._handle.update(self._mimebundle(), raw=True)
+            # the saved notebook keeps this: plain HTML, which every viewer shows, kernel or not
+            self._handle.update(self._static_bundle(), raw=True)
+            self.model.close()  # the front end's view is gone with the display it was in
+
+    def _on_message(self, _model: Any, content: Any, _buffers: Any) -> None:
+        if isinstance(content, dict) and content.get("cancel"):
+            self.cancel()
 
     # -- the timer -------------------------------------------------------------------
     def _start_timer(self) -> None:
@@ -182,77 +199,48 @@ class RunWidget:
 
     def _tick_until_finished(self) -> None:
         while self._ticking.is_set() and not self._stop_ticking.wait(TICK_S):
+            if self.cancel_file.exists():  # written by the front end through the Jupyter server
+                self._remove_cancel_file()
+                self.cancel()
             with self._lock:
                 if not self._ticking.is_set():
                     return
-                now = time.time()
-                for row in self.rows.values():
-                    if row.status == StepStatus.RUNNING and row.duration_s is None:
-                        self._set(self.row_widgets[row.name].elapsed, "value",
-                                  _cell(format_duration(row.elapsed(now))))
-                self._set(self.totals, "value", self._totals_html(now))
+                running = any(r.status == StepStatus.RUNNING for r in self.rows.values())
+                if running or self._dirty:
+                    self._push(now=True)
 
-    # -- building and refreshing the widgets -----------------------------------------
-    def _build(self) -> None:
-        name_width = f"{max([len(n) for n in self.rows] + [4]) + 3}ch"
+    def _remove_cancel_file(self) -> None:
+        try:
+            self.cancel_file.unlink()
+        except OSError:
+            pass
 
-        def fixed(width: str) -> Any:
-            return w.Layout(width=width, min_width=width, flex="0 0 auto")
+    # -- what the front end gets -------------------------------------------------------
+    def _controls(self, **extra: Any) -> dict[str, Any]:
+        try:
+            cancel_path = Path(os.path.relpath(self.cancel_file, self.notebook_dir)).as_posix()
+        except ValueError:  # another drive
+            cancel_path = ""
+        controls = dict(getattr(self, "model", None) and self.model.controls or {})
+        controls.update(holds_kernel=self.holds_kernel, background=self.background, cancel_path=cancel_path,
+                        attached=self._cancel is not None, cancelling=self.cancel_requested,
+                        finished=self.result is not None, **extra)
+        return controls
 
-        self.title = w.HTML(layout=w.Layout(flex="1 1 auto"))
-        self.totals = w.HTML(layout=w.Layout(flex="0 1 auto", margin="0 1em"))
-        self.cancel_button = w.Button(description="Cancel", icon="stop", disabled=True,
-                                      tooltip="Stop the run: running kernels are stopped, notebooks saved",
-                                      layout=w.Layout(width="auto", min_width="8em", flex="0 0 auto"))
-        self.cancel_button.on_click(lambda _button: self.cancel())
-        header = w.HBox([self.title, self.totals, self.cancel_button],
-                        layout=w.Layout(align_items="center", justify_content="space-between",
-                                        border_bottom="1px solid var(--jp-border-color2, #e0e0e0)",
-                                        padding="0 0 4px 0"))
-        header.add_class("nbflow-header")
-        titles = [("step", name_width), ("state", WIDTHS["state"]),
-                  ("progress", f"calc({WIDTHS['progress']} + 10px)"), ("cells", WIDTHS["cells"]),
-                  ("elapsed", WIDTHS["elapsed"]), ("attempts", WIDTHS["attempts"]),
-                  ("executed notebook", WIDTHS["notebook"]), ("", "auto")]
-        column_titles = w.HBox([w.HTML(f'<span style="color:{MUTED};font-size:0.85em">{t}</span>',
-                                       layout=fixed(width) if width != "auto" else w.Layout(flex="1 1 auto"))
-                                for t, width in titles])
-        self.row_widgets: dict[str, RowWidgets] = {}  # the widgets of each step's row
-        rows = [header, column_titles]
-        for name in self.rows:
-            parts = RowWidgets(
-                name=w.HTML(f'<span data-step="{html.escape(name)}" title="{html.escape(name)}" '
-                            f'style="font-family:{MONO};font-weight:600">{html.escape(name)}</span>',
-                            layout=fixed(name_width)),
-                state=w.HTML(layout=fixed(WIDTHS["state"])),
-                progress=w.IntProgress(value=0, min=0, max=1, layout=w.Layout(
-                    width=WIDTHS["progress"], min_width=WIDTHS["progress"], flex="0 0 auto", margin="0 10px 0 0")),
-                cells=w.HTML(layout=fixed(WIDTHS["cells"])),
-                elapsed=w.HTML(layout=fixed(WIDTHS["elapsed"])),
-                attempts=w.HTML(layout=fixed(WIDTHS["attempts"])),
-                notebook=w.HTML(layout=fixed(WIDTHS["notebook"])),
-                note=w.HTML(layout=w.Layout(flex="1 1 auto", overflow="hidden")),
-                error=w.HTML(layout=w.Layout(display="none", margin=f"0 0 6px {name_width}")),
-            )
-            parts.box = w.VBox([w.HBox([parts.name, parts.state, parts.progress, parts.cells, parts.elapsed,
-                                        parts.attempts, parts.notebook, parts.note],
-                                       layout=w.Layout(align_items="center")), parts.error])
-            parts.box.add_class("nbflow-step")
-            for column in ("state", "progress", "cells", "elapsed", "attempts", "notebook", "note"):
-                getattr(parts, column).add_class(f"nbflow-{column}")
-            self.row_widgets[name] = parts
-            rows.append(parts.box)
-        self.graph_view = w.HTML(layout=w.Layout(margin="8px 0 0 0", overflow="auto"))
-        self.graph_view.add_class("nbflow-graph")
-        rows.append(self.graph_view)
-        self.box = w.VBox(rows, layout=w.Layout(padding="4px 0", max_width="100%"))
-        self.box.add_class("nbflow-run")
+    def _set_controls(self, **extra: Any) -> None:
+        self.model.controls = self._controls(**extra)
 
-    def _mimebundle(self) -> dict[str, Any]:
-        bundle = dict(self.box._repr_mimebundle_())
-        bundle["text/html"] = self._static_html(time.time())
-        bundle["text/plain"] = self._static_text()
-        return bundle
+    def _push(self, graph: bool = False, now: bool = True) -> None:
+        """Send the body (and the graph when states changed); cell-by-cell updates at most every MIN_PUSH_S."""
+        t = time.time()
+        if graph:
+            self._set(self.model, "graph", self._graph_html())
+        if not now and t - self._pushed_at < MIN_PUSH_S:
+            self._dirty = True
+            return
+        self._dirty = False
+        self._pushed_at = t
+        self._set(self.model, "body", self.body_html(t))
 
     @staticmethod
     def _set(widget: Any, name: str, value: Any) -> None:
@@ -260,129 +248,235 @@ class RunWidget:
         if getattr(widget, name) != value:
             setattr(widget, name, value)
 
-    def _refresh_all(self) -> None:
-        now = time.time()
-        self._refresh_header()
-        for row in self.rows.values():
-            self._refresh_row(row, now)
-        self._refresh_graph()
+    def _mimebundle(self) -> dict[str, Any]:
+        bundle = self.model._repr_mimebundle_()
+        data = dict(bundle[0] if isinstance(bundle, tuple) else bundle)
+        data.update(self._static_bundle())
+        return data
 
-    def _refresh_header(self) -> None:
-        now = time.time()
-        status = _pill(RUN_STYLES[self.view.status] if self.view.started_at else STATE_STYLES[StepStatus.PENDING])
-        where = os.path.relpath(self.root, self.cwd) if _is_below(self.root, self.cwd) else str(self.root)
-        run = f' · run <span style="font-family:{MONO}">{html.escape(self.run_id)}</span>' if self.run_id else ""
-        self._set(self.title, "value",
-                  f'<b>nbflow</b> <span style="font-family:{MONO}">{html.escape(where)}</span>'
-                  f'<span style="color:{MUTED}">{run}</span> &nbsp;{status}')
-        self._set(self.totals, "value", self._totals_html(now))
-        if self.result is None and self.runner is not None and self.blocking \
-                and self.cancel_button.description == "Cancel":
-            self.cancel_button.description = "Interrupt the kernel (■) to cancel"
-            self.cancel_button.tooltip = ("This cell holds the kernel, so it reads the button only after the run: "
-                                          "interrupt the kernel to cancel cleanly, or run with background=True")
-            self.cancel_button.disabled = True
+    def _static_bundle(self) -> dict[str, str]:
+        return {"text/html": self.static_html(), "text/plain": self.static_text()}
+
+    # -- the HTML, one for the live widget and the static copy -------------------------
+    def body_html(self, now: float | None = None, graph: str | None = None) -> str:
+        """The whole run as HTML: a one-line summary that opens onto the rows and the graph.
+
+        `graph`: the graph's HTML to put in place; None leaves a slot for the front end to fill.
+        """
+        now = now or time.time()
+        view = self.view
+        open_ = "" if view.nothing_to_do else " open"
+        longest = max([len(n) for n in self.rows] + [4])
+        name_width = f"{min(longest, 28) + 1}ch"
+        rows = self._rows_html(now)
+        scroll = " nbflow-scroll" if len(self.rows) > MANY_ROWS else ""
+        slot = graph if graph is not None else '<div class="nbflow-graph-slot"></div>'
+        return (f'<details class="nbflow-run" data-key="run"{open_} style="--nbflow-name:{name_width}">'
+                f"{self._header_html(now)}"
+                f"{self._notice_html()}"
+                f'<div class="nbflow-rows{scroll}">{rows}</div>'
+                f"{self._rerun_html()}{slot}</details>")
+
+    def _header_html(self, now: float) -> str:
+        view = self.view
+        status = _pill(RUN_STYLES[view.status] if view.started_at else STATE_STYLES[StepStatus.PENDING])
+        where = (Path(os.path.relpath(self.root, self.notebook_dir)).as_posix()
+                 if _is_below(self.root, self.notebook_dir) else str(self.root))
+        run = (f' <span class="nbflow-muted">run <code>{html.escape(self.run_id)}</code></span>'
+               if self.run_id else "")
+        return (f'<summary class="nbflow-header"><span class="nbflow-chevron" aria-hidden="true"></span>'
+                f'<span class="nbflow-title"><b>nbflow</b> <code>{html.escape(where)}</code>{run}</span>'
+                f'<span class="nbflow-runstate">{status}</span>'
+                f'<span class="nbflow-totals">{self._totals_html(now)}</span>'
+                f'<span class="nbflow-actions"></span></summary>')
 
     def _totals_html(self, now: float) -> str:
-        parts = [f'<span style="color:{STATE_STYLES[s].colour};font-weight:600">{n}</span> {STATE_STYLES[s].word}'
-                 for s, n in self.view.counts().items()]
-        elapsed = self.view.elapsed(now)
-        since = f' <span style="color:{MUTED}">· {format_duration(elapsed)}</span>' if elapsed is not None else ""
+        view = self.view
+        elapsed = view.elapsed(now)
+        since = f' <span class="nbflow-muted">· {format_duration(elapsed)}</span>' if elapsed is not None else ""
+        if view.nothing_to_do and view.result is not None:
+            return f"{html.escape(view.summary())}{since}"
+        parts = [f'<span style="color:{style.colour};font-weight:600">{n}</span> {style.word}'
+                 for style, n in view.tallies()]
         return " · ".join(parts) + since
 
-    def _refresh_row(self, row: StepView, now: float) -> None:
-        parts = self.row_widgets[row.name]
-        self._set(parts.state, "value", self._state_html(row))
-        bar = parts.progress
-        ran = row.started
-        for column in (bar, parts.cells, parts.elapsed, parts.attempts, parts.notebook):
-            # a step that has not started has nothing in these: its note ("fresh", why not run) follows the state
-            self._set(column.layout, "display", "" if ran else "none")
-        self._set(bar, "max", max(row.cells_total, 1))
-        self._set(bar, "value", bar.max if row.status == StepStatus.SUCCEEDED else min(row.cells_done, bar.max))
-        self._set(bar, "bar_style", "danger" if row.retrying else BAR_STYLES.get(row.status, ""))
-        self._set(parts.cells, "value", _cell(row.cells))
-        self._set(parts.elapsed, "value", _cell(format_duration(row.elapsed(now))))
-        attempts = (f"{row.attempt} of {row.max_attempts}" if row.max_attempts > 1 else str(row.attempt)) if ran else ""
-        self._set(parts.attempts, "value", _cell(attempts))
-        self._set(parts.notebook, "value", self._link_html(row))
-        note = html.escape(row.note)
-        self._set(parts.note, "value",
-                  f'<span style="color:{MUTED};white-space:nowrap" title="{note}">{note}</span>' if note else "")
-        self._set(parts.error, "value", self._error_html(row) if row.error else "")
-        self._set(parts.error.layout, "display", "" if row.error else "none")
-
-    def _state_html(self, row: StepView) -> str:
-        return _pill(row.style, title="; ".join(row.reasons))
-
-    def href(self, notebook: str) -> str:
-        """A link to an executed notebook, relative to the calling notebook's folder (as Jupyter serves it)."""
-        path = Path(os.path.relpath(self.root / notebook, self.cwd)).as_posix()
-        return urllib.parse.quote(path)
-
-    def _link_html(self, row: StepView) -> str:
-        if not row.notebook:
+    def _notice_html(self) -> str:
+        if not (self.background and self.result is not None):
             return ""
-        return (f'<a href="{html.escape(self.href(row.notebook))}" target="_blank" rel="noopener" '
-                f'title="open {html.escape(row.notebook)} in Jupyter" '
-                f'style="color:var(--jp-content-link-color, #1976d2);text-decoration:underline;'
-                f'font-family:{MONO}">{html.escape(Path(row.notebook).name)}</a>')
+        at = time.strftime("%H:%M:%S", time.localtime(self.view.finished_at or time.time()))
+        style = RUN_STYLES[self.view.status]
+        return (f'<div class="nbflow-notice" role="status" style="border-color:{style.colour}">'
+                f"{_pill(style)} the background run ended at {at}: {html.escape(self.view.summary())}</div>")
+
+    def _rerun_html(self) -> str:
+        names = self.view.to_rerun() if self.result is not None else []
+        if not names:
+            return ""
+        where = (Path(os.path.relpath(self.root, self.notebook_dir)).as_posix()
+                 if _is_below(self.root, self.notebook_dir) else str(self.root))
+        code = f"nbflow.run({where!r}, {names!r})"
+        return (f'<div class="nbflow-rerun">rerun failed (the failed steps and what depends on them): '
+                f'<code class="nbflow-rerun-code">{html.escape(code)}</code></div>')
+
+    def _rows_html(self, now: float) -> str:
+        groups = self.view.groups()
+        grouped = {name for names in groups.values() for name in names}
+        out = []
+        done_groups: set[str] = set()
+        for row in self.rows.values():
+            if row.name not in grouped:
+                out.append(self._row_html(row, now))
+                continue
+            base = row.group
+            assert base is not None
+            if base not in done_groups:
+                done_groups.add(base)
+                out.append(self._group_html(base, [self.rows[n] for n in groups[base]], now))
+        return "".join(out)
+
+    def _group_html(self, base: str, members: list[StepView], now: float) -> str:
+        n = len(members)
+        done = sum(r.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED, StepStatus.FAILED, StepStatus.NOT_RUN,
+                                StepStatus.CANCELLED) for r in members)
+        worst = min(members, key=lambda r: GROUP_ORDER[r.status])
+        counts: dict[str, tuple[StateStyle, int]] = {}
+        for r in members:
+            counts[r.style.word] = (r.style, counts.get(r.style.word, (r.style, 0))[1] + 1)
+        tally = " · ".join(f'<span style="color:{s.colour};font-weight:600">{k}</span> {s.word}'
+                           for s, k in counts.values())
+        ordered = sorted(members, key=lambda r: GROUP_ORDER[r.status])
+        inner = "".join(self._row_html(r, now) for r in ordered)
+        key = html.escape(f"group:{base}")
+        return (f'<details class="nbflow-group" data-group="{html.escape(base)}" data-key="{key}">'
+                f'<summary class="nbflow-line"><span class="nbflow-chevron" aria-hidden="true"></span>'
+                f'<span class="nbflow-name" title="{html.escape(base)}[…]: {n} grid instances">'
+                f"{html.escape(base)}[…]</span>"
+                f'<span class="nbflow-state">{_pill(worst.style)}</span>'
+                f"{_bar(done, n, BAR_COLOURS.get(worst.status, ''))}"
+                f'<span class="nbflow-cells">{done}/{n}</span>'
+                f'<span class="nbflow-note">{tally}</span></summary>'
+                f'<div class="nbflow-group-rows">{inner}</div></details>')
+
+    def _row_html(self, row: StepView, now: float) -> str:
+        name = html.escape(row.name)
+        parts = [f'<span class="nbflow-name" title="{name}">{name}</span>',
+                 f'<span class="nbflow-state">{_pill(row.style, "; ".join(row.reasons))}</span>']
+        if row.started:
+            value = row.cells_total if row.status == StepStatus.SUCCEEDED else row.cells_done
+            colour = STATE_STYLES[StepStatus.FAILED].colour if row.retrying else BAR_COLOURS.get(row.status, "")
+            parts.append(_bar(value, max(row.cells_total, 1), colour))
+            parts.append(f'<span class="nbflow-cells" title="code cells done, of all the code cells">'
+                         f"{row.cells}</span>")
+            parts.append(f'<span class="nbflow-elapsed">{format_duration(row.elapsed(now))}</span>')
+            if row.max_attempts > 1 or row.attempt > 1:
+                parts.append(f'<span class="nbflow-attempts">attempt {row.attempt} of {row.max_attempts}</span>')
+            if row.notebook:
+                parts.append(self._link_html(row.notebook, "nbflow-link", Path(row.notebook).name,
+                                             f"open the executed notebook {row.notebook}"))
+        note = html.escape(row.note)
+        if row.source_line and row.status == StepStatus.RUNNING:
+            line = html.escape(row.source_line)
+            parts.append(f'<span class="nbflow-note nbflow-live" title="{note}: {line}">{note}: '
+                         f"<code>{line}</code></span>")
+        elif note:
+            parts.append(f'<span class="nbflow-note" title="{note}">{note}</span>')
+        more = self._more_html(row)
+        key = html.escape(f"step:{row.name}")
+        status = "not_started" if row.never_started else row.status.value
+        attrs = f'class="nbflow-step" data-step="{name}" data-status="{status}"'
+        error = self._error_html(row) if row.error else ""
+        if not more:
+            return (f'<div {attrs}><div class="nbflow-line"><span class="nbflow-chevron nbflow-none"></span>'
+                    f'{"".join(parts)}</div>{error}</div>')
+        # the row opens onto its parameters and outputs; its error shows either way
+        return (f'<div {attrs}><details class="nbflow-row" data-key="{key}"><summary class="nbflow-line" '
+                f'title="parameters and outputs"><span class="nbflow-chevron" aria-hidden="true"></span>'
+                f'{"".join(parts)}</summary>{more}</details>{error}</div>')
+
+    def _more_html(self, row: StepView) -> str:
+        """What opens under a row: effective parameters, declared outputs, why it ran."""
+        items = []
+        if row.parameters:
+            values = ", ".join(f"{html.escape(k)} = {html.escape(_short(repr(v)))}" for k, v in row.parameters.items())
+            items.append(f'<div class="nbflow-params"><span class="nbflow-muted">parameters</span> '
+                         f"<code>{values}</code></div>")
+        if row.outputs:
+            links = " ".join(self._link_html(p, "nbflow-output", p, f"open {p}") for p in row.outputs)
+            items.append(f'<div class="nbflow-outputs"><span class="nbflow-muted">outputs</span> {links}</div>')
+        if row.reasons and row.status != StepStatus.SKIPPED:
+            items.append(f'<div><span class="nbflow-muted">why it ran</span> {html.escape("; ".join(row.reasons))}'
+                         "</div>")
+        return f'<div class="nbflow-more">{"".join(items)}</div>' if items else ""
+
+    def href(self, path: str) -> str:
+        """A link to a file of the pipeline (relative to its folder), relative to the calling notebook's folder."""
+        import urllib.parse  # noqa: PLC0415
+
+        return urllib.parse.quote(Path(os.path.relpath(self.root / path, self.notebook_dir)).as_posix())
+
+    def _link_html(self, path: str, cls: str, text: str, title: str) -> str:
+        href = html.escape(self.href(path))
+        return (f'<a class="{cls}" href="{href}" data-nbflow-path="{href}" target="_blank" rel="noopener" '
+                f'title="{html.escape(title)}">{html.escape(text)}</a>')
 
     def _error_html(self, row: StepView) -> str:
         error = row.error
         assert error is not None
         what = html.escape(f"{error.ename}: {error.evalue}" if error.evalue else error.ename)
         where = ""
-        if error.cell:
-            line = (f': <code style="font-family:{MONO}">{html.escape(error.source_line)}</code>'
-                    if error.source_line else "")
-            where = f'<div style="margin-top:2px">in cell {error.cell}{line}</div>'
-        return (f'<div class="nbflow-error" style="border-left:4px solid {STATE_STYLES[StepStatus.FAILED].colour};'
-                f'background:rgba(198,40,40,0.08);padding:4px 10px;line-height:1.5;white-space:pre-wrap;'
-                f'text-align:left">'
-                f'<div style="color:{ERROR_RED};font-family:{MONO};font-weight:600">{what}</div>{where}</div>')
+        if error.cell is not None:
+            line = f": <code>{html.escape(error.source_line)}</code>" if error.source_line else ""
+            where = f'<div class="nbflow-where">{html.escape(row.where(error.cell))}{line}</div>'
+        traceback = ""
+        if error.traceback:
+            key = html.escape(f"traceback:{row.name}")
+            traceback = (f'<details class="nbflow-traceback" data-key="{key}"><summary>full traceback</summary>'
+                         f"<pre>{html.escape(error.traceback)}</pre></details>")
+        return (f'<div class="nbflow-error" style="border-left:4px solid {STATE_STYLES[StepStatus.FAILED].colour}">'
+                f'<div class="nbflow-what" style="color:{ERROR_RED}">{what}</div>{where}{traceback}</div>')
 
-    def _refresh_graph(self) -> None:
-        self._set(self.graph_view, "value", self._graph_html())
-
-    def _graph_html(self) -> str:
+    def _graph_html(self, links: bool = True) -> str:
+        """The graph; with `links`, each step's box opens its executed notebook (the live widget only:
+        JupyterLab's renderer of plain HTML outputs cannot handle links inside an SVG)."""
         from . import plot  # noqa: PLC0415
 
-        links = {r.name: self.href(r.notebook) for r in self.rows.values() if r.notebook}
-        return plot.html(self.graph, self._snapshot(), links)
+        urls = {r.name: self.href(r.notebook) for r in self.rows.values() if r.notebook} if links else {}
+        return plot.html(self.graph, self._statuses(), urls, fit=True)
 
-    def _snapshot(self) -> RunResult:
-        return self.view.snapshot()
+    def _statuses(self) -> Any:
+        """The run as the graph colours it: a step cancelled before it started is 'not started'."""
+        snapshot = self.view.snapshot()
+        steps = {name: _Shown(step, "not_started" if self.rows[name].never_started else step.status.value,
+                              self.rows[name].where(step.error.cell) if step.error and step.error.cell else "")
+                 for name, step in snapshot.steps.items() if name in self.rows}
+        return _Snapshot(steps)
 
-    # -- the static twin ---------------------------------------------------------------
-    def _static_html(self, now: float) -> str:
-        cell_style = "padding:2px 10px;text-align:left;vertical-align:top;white-space:nowrap"
-        head = "".join(f'<th style="{cell_style};color:{MUTED};font-weight:normal">{t}</th>'
-                       for t in ("step", "state", "cells", "elapsed", "attempts", "executed notebook", ""))
-        body = []
-        for row in self.rows.values():
-            cells = [f'<span style="font-family:{MONO};font-weight:600">{html.escape(row.name)}</span>',
-                     self._state_html(row), row.cells, format_duration(row.elapsed(now)),
-                     str(row.attempt) if row.started else "", self._link_html(row),
-                     html.escape(row.note)]
-            body.append("<tr>" + "".join(f'<td style="{cell_style}">{c}</td>' for c in cells) + "</tr>")
-            if row.error:
-                body.append(f'<tr><td></td><td colspan="6" style="padding:0 10px 6px;text-align:left">'
-                            f"{self._error_html(row)}</td></tr>")
-        title = (f'<div style="margin-bottom:4px"><b>nbflow</b> run '
-                 f'<span style="font-family:{MONO}">{html.escape(self.run_id or "")}</span> &nbsp;'
-                 f"{_pill(RUN_STYLES[self.view.status]) if self.result else ''} &nbsp;{self._totals_html(now)}</div>")
-        return (f'<div class="nbflow-run-static">{title}<table style="border-collapse:collapse">'
-                f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+    def static_html(self) -> str:
+        """The run for viewers without the widget: the same HTML, the graph in place, its style inline."""
+        body = self.body_html(graph=self._graph_html(links=False))
+        return f'<div class="nbflow-run-static"><style>{CSS}</style>{body}</div>'
 
-    def _static_text(self) -> str:
+    def static_text(self) -> str:
         status = self.view.status.value if self.result else "running"
         lines = [f"nbflow run {self.run_id or ''}: {status}"]
         for row in self.rows.values():
             error = f"  {row.error.summary()}" if row.error else ""
             elapsed = format_duration(row.elapsed(time.time()))
-            lines.append(f"  {row.name:<20} {row.style.word:<10} {elapsed:>8}{error}")
+            lines.append(f"  {row.name:<20} {row.style.word:<11} {elapsed:>8}{error}")
         return "\n".join(lines)
+
+
+class _Shown:
+    """One step as the graph reads it: the step's result with the state it shows."""
+
+    def __init__(self, step: Any, status: str, cell_label: str):
+        self.status, self.cell_label = status, cell_label
+        self.attempts, self.duration_s, self.error = step.attempts, step.duration_s, step.error
+
+
+class _Snapshot:
+    def __init__(self, steps: dict[str, _Shown]):
+        self.steps = steps
 
 
 def _pill(style: StateStyle, title: str = "") -> str:
@@ -392,13 +486,19 @@ def _pill(style: StateStyle, title: str = "") -> str:
         look = f"border:1px {OUTLINED[label]} {colour};color:{colour};"
     else:
         look = f"border:1px solid {colour};background:{colour};color:#fff;"
-    return (f'<span{tip} style="display:inline-block;min-width:8.4em;box-sizing:border-box;padding:0 8px;'
-            f'border-radius:10px;{look}font-weight:600;font-size:0.9em;line-height:1.6;white-space:nowrap">'
-            f"{icon}&nbsp;{label}</span>")
+    return (f'<span class="nbflow-pill"{tip} style="display:inline-block;min-width:8.4em;box-sizing:border-box;'
+            f"padding:0 8px;border-radius:10px;{look}font-weight:600;font-size:0.9em;line-height:1.6;"
+            f'white-space:nowrap">{icon}&nbsp;{label}</span>')
 
 
-def _cell(text: str) -> str:
-    return f'<span style="font-variant-numeric:tabular-nums">{html.escape(text)}</span>' if text else ""
+def _bar(value: int, total: int, colour: str) -> str:
+    width = 100 * min(value, total) / max(total, 1)
+    return (f'<span class="nbflow-bar" role="progressbar" aria-valuenow="{value}" aria-valuemax="{total}">'
+            f'<span style="width:{width:.0f}%;background:{colour or "#868e96"}"></span></span>')
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _is_below(path: Path, folder: Path) -> bool:
@@ -407,3 +507,39 @@ def _is_below(path: Path, folder: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _notebook_dir() -> Path:
+    """The folder of the notebook that runs this kernel (Jupyter Server tells it), else the working folder."""
+    session = os.environ.get("JPY_SESSION_NAME", "")
+    if session and os.path.isabs(session):
+        return Path(session).parent
+    return Path.cwd()
+
+
+def _kernel_id() -> str:
+    """The Jupyter Server's id of this kernel (its connection file is kernel-<id>.json), or ''."""
+    try:
+        from ipykernel import get_connection_file  # noqa: PLC0415
+
+        match = re.fullmatch(r"kernel-(.+)\.json", Path(get_connection_file()).name)
+    except Exception:  # noqa: BLE001 - not in an ipykernel
+        return ""
+    return match.group(1) if match else ""
+
+
+def _newest_success(graph: "Graph", steps: list[str]) -> str:
+    """The newest run in which one of `steps` succeeded: what an all-fresh run is up to date with."""
+    from ..state import Ledger  # noqa: PLC0415
+
+    try:
+        ledger = Ledger(graph.state_dir, create=False)
+    except Exception:  # noqa: BLE001 - the sentence just leaves the run out
+        return ""
+    try:
+        found = [s for s in (ledger.last_success(name) for name in steps) if s]
+    except Exception:  # noqa: BLE001
+        return ""
+    finally:
+        ledger.close()
+    return max(found, key=lambda s: s["finished_at"])["run_id"] if found else ""

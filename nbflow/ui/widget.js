@@ -1,0 +1,208 @@
+// nbflow's run widget in the browser (anywidget). The HTML comes from Python (widget.py); this
+// places it and adds what needs the browser: sections that stay open or closed across updates,
+// links that open notebooks inside the running Jupyter, and a Cancel button that works while the
+// kernel is busy (see widget.py's docstring for the three ways a cancel travels).
+
+function jupyterConfig() {
+  const element = document.getElementById("jupyter-config-data");
+  if (!element) return null;
+  try {
+    return JSON.parse(element.textContent || "{}");
+  } catch (_error) {
+    return null;
+  }
+}
+
+function cookie(name) {
+  const found = document.cookie.split("; ").find((c) => c.startsWith(name + "="));
+  return found ? decodeURIComponent(found.slice(name.length + 1)) : "";
+}
+
+// "a/b" + "../c/d.ipynb" -> "a/c/d.ipynb"; null when it leaves the server's root
+function joinPath(folder, relative) {
+  const parts = folder ? folder.split("/").filter(Boolean) : [];
+  for (const part of relative.split("/")) {
+    if (part === "" || part === ".") continue;
+    if (part === "..") {
+      if (!parts.length) return null;
+      parts.pop();
+    } else {
+      parts.push(part);
+    }
+  }
+  return parts.join("/");
+}
+
+function encodePath(path) {
+  return path.split("/").map(encodeURIComponent).join("/");
+}
+
+// The Jupyter server this page talks to, and the folder (server path) of this notebook.
+function serverContext(kernelId) {
+  const config = jupyterConfig();
+  if (!config || !kernelId) return Promise.resolve(null);
+  let base = config.baseUrl || "/";
+  if (!base.endsWith("/")) base += "/";
+  const request = (method, path, body) => {
+    const headers = { "Content-Type": "application/json" };
+    const xsrf = cookie("_xsrf");
+    if (xsrf) headers["X-XSRFToken"] = xsrf;
+    if (config.token) headers["Authorization"] = `token ${config.token}`;
+    return fetch(base + path, {
+      method, headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  };
+  return request("GET", "api/sessions")
+    .then((response) => (response.ok ? response.json() : []))
+    .then((sessions) => {
+      const session = sessions.find((s) => s.kernel && s.kernel.id === kernelId);
+      if (!session) return null;
+      const folder = session.path.includes("/") ? session.path.slice(0, session.path.lastIndexOf("/")) : "";
+      return { request, folder, kernelId };
+    })
+    .catch(() => null);
+}
+
+const contexts = new Map(); // kernel id -> Promise of its server context, shared by the views
+
+function render({ model, el }) {
+  const root = document.createElement("div");
+  root.className = "nbflow-widget";
+  el.appendChild(root);
+  const graph = document.createElement("div");
+  graph.className = "nbflow-graph-live";
+  const button = document.createElement("button");
+  button.className = "nbflow-cancel jupyter-button";
+  button.type = "button";
+  const opened = new Map(); // data-key -> open, as the user left it
+  let server = undefined; // undefined: not known yet; null: no Jupyter server to reach
+  let clicked = false;
+
+  root.addEventListener("toggle", (event) => {
+    const key = event.target.getAttribute && event.target.getAttribute("data-key");
+    if (key) opened.set(key, event.target.open);
+  }, true);
+
+  function linkFiles(container) {
+    if (!server) return;
+    for (const a of container.querySelectorAll("a[data-nbflow-path], svg a[href]")) {
+      const relative = decodeURIComponent(a.getAttribute("data-nbflow-path") || a.getAttribute("href") || "");
+      if (!relative || /^[a-z]+:/i.test(relative) || relative.startsWith("#")) continue;
+      const path = joinPath(server.folder, relative);
+      if (path === null) continue;
+      // JupyterLab's and Notebook 7's CommandLinker opens it as a document, whatever the page's URL
+      a.setAttribute("data-commandlinker-command", "docmanager:open");
+      a.setAttribute("data-commandlinker-args", JSON.stringify({ path }));
+    }
+  }
+
+  function scrollGraphToNews() {
+    const view = graph.querySelector(".nbflow-graph");
+    if (!view || view.scrollWidth <= view.clientWidth) return;
+    const node = view.querySelector('[data-status="failed"], [data-status="running"]');
+    if (!node) return;
+    const box = node.getBoundingClientRect();
+    const frame = view.getBoundingClientRect();
+    if (box.left < frame.left || box.right > frame.right) {
+      view.scrollLeft += box.left - frame.left - (frame.width - box.width) / 2;
+    }
+  }
+
+  function showButton() {
+    const controls = model.get("controls") || {};
+    const slot = root.querySelector(".nbflow-actions");
+    if (!controls.attached || controls.finished) {
+      button.remove();
+      return;
+    }
+    if (slot && button.parentNode !== slot) slot.appendChild(button);
+    if (controls.cancelling || clicked) {
+      button.textContent = "Cancelling…";
+      button.disabled = true;
+      button.title = "The run stops: running kernels are stopped, notebooks saved";
+    } else if (server === undefined) {
+      button.textContent = "Cancel";
+      button.disabled = true;
+      button.title = "Finding the Jupyter server…";
+    } else if (server) {
+      button.textContent = "Cancel";
+      button.disabled = false;
+      button.title = "Stop the run, even while a cell runs: running kernels are stopped, notebooks saved";
+    } else if (!controls.holds_kernel) {
+      button.textContent = "Cancel";
+      button.disabled = false;
+      button.title = "Stop the run: this front end reaches the kernel only when no cell runs";
+    } else {
+      button.textContent = "Interrupt the kernel (■) to cancel";
+      button.disabled = true;
+      button.title = "This front end has no Jupyter server to go through, and this cell holds the kernel: "
+        + "interrupt the kernel to cancel cleanly, or run with background=True";
+    }
+  }
+
+  button.addEventListener("click", (event) => {
+    event.preventDefault(); // inside the summary: no folding
+    event.stopPropagation();
+    if (clicked) return;
+    clicked = true;
+    showButton();
+    const controls = model.get("controls") || {};
+    model.send({ cancel: true }); // arrives when the kernel reads its shell channel
+    if (!server) return;
+    const path = controls.cancel_path ? joinPath(server.folder, controls.cancel_path) : null;
+    const write = path === null
+      ? Promise.resolve(false)
+      : server.request("PUT", "api/contents/" + encodePath(path),
+        { type: "file", format: "text", content: "cancel\n" }).then((r) => r.ok).catch(() => false);
+    write.then((written) => {
+      if (!written && controls.holds_kernel) {
+        server.request("POST", `api/kernels/${server.kernelId}/interrupt`).catch(() => undefined);
+      }
+    });
+  });
+
+  function update() {
+    const scroll = root.querySelector(".nbflow-rows");
+    const top = scroll ? scroll.scrollTop : 0;
+    root.innerHTML = model.get("body");
+    for (const details of root.querySelectorAll("details[data-key]")) {
+      const key = details.getAttribute("data-key");
+      if (opened.has(key)) details.open = opened.get(key);
+    }
+    const rows = root.querySelector(".nbflow-rows");
+    if (rows) rows.scrollTop = top;
+    const slot = root.querySelector(".nbflow-graph-slot");
+    if (slot) slot.appendChild(graph);
+    linkFiles(root);
+    showButton();
+  }
+
+  function updateGraph() {
+    graph.innerHTML = model.get("graph");
+    linkFiles(graph);
+    scrollGraphToNews();
+  }
+
+  const controls = model.get("controls") || {};
+  const kernelId = controls.kernel_id || "";
+  if (!contexts.has(kernelId)) contexts.set(kernelId, serverContext(kernelId));
+  contexts.get(kernelId).then((context) => {
+    server = context;
+    root.setAttribute("data-server", context ? "yes" : "no");
+    linkFiles(root);
+    showButton();
+  });
+
+  model.on("change:body", update);
+  model.on("change:graph", updateGraph);
+  model.on("change:controls", showButton);
+  updateGraph();
+  update();
+  return () => {
+    model.off("change:body", update);
+    model.off("change:graph", updateGraph);
+    model.off("change:controls", showButton);
+  };
+}
+
+export default { render };
