@@ -191,6 +191,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     """
     from .execute import Runner, new_run_id  # noqa: PLC0415
     from .plan import make_plan  # noqa: PLC0415
+    from .settings import resolve as resolve_settings  # noqa: PLC0415
     from .state import Ledger, LedgerRecorder, RunLock, reap_orphans  # noqa: PLC0415
 
     if isinstance(steps, str):
@@ -220,7 +221,8 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         if interrupted:
             reap_orphans(graph.root, interrupted)
         plan = make_plan(graph, ledger, steps, parameters, force=force, force_upstream=force_upstream, only=only)
-        jobs = jobs or graph.config.jobs or os.cpu_count() or 1
+        settings = resolve_settings(graph.config, jobs=jobs, executor=executor, dask_address=dask_address,
+                                    fail_fast=fail_fast)
         all_listeners = list(listeners)
         if display is None:
             display = _in_jupyter()
@@ -238,10 +240,9 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         if plan.to_run:
             from .executors import make_executor  # noqa: PLC0415
 
-            exe = make_executor(executor or graph.config.executor, jobs=jobs, dask_address=dask_address)
+            exe = make_executor(settings)
         runner = Runner(plan, ledger, exe or _NoExecutor(), listeners=all_listeners,
-                        recorder=LedgerRecorder(ledger, graph.config.secrets), jobs=jobs, fail_fast=fail_fast,
-                        run_id=run_id)
+                        recorder=LedgerRecorder(ledger, graph.config.secrets), settings=settings, run_id=run_id)
         ui_events = _ui_poller() if display and not background else None
         if display:
             # the run holds the kernel when it goes on in the cell's main thread without processing UI events

@@ -29,6 +29,7 @@ from .layout import StateLayout
 from .imports import missing_module_hint
 from .params import jsonable
 from .plan import Plan, kernel_of
+from .settings import RunSettings
 from .state import Ledger, assess, fingerprint
 from .state import redact as _redact
 
@@ -43,16 +44,16 @@ class Runner:
     """Runs a Plan. `listeners` see every event in order, on the Runner's thread."""
 
     def __init__(self, plan: Plan, ledger: Ledger, executor: Executor, *, listeners: Iterable[Listener] = (),
-                 recorder: Listener | None = None, jobs: int = 1, fail_fast: bool = False,
-                 run_id: str | None = None):
+                 recorder: Listener | None = None, settings: RunSettings | None = None, run_id: str | None = None):
         self.plan = plan
         self.graph = plan.graph
         self.ledger = ledger
         self.executor = executor
         self.listeners = list(listeners)
         self.recorder = recorder
-        self.jobs = max(1, jobs)
-        self.fail_fast = fail_fast
+        self.settings = settings or RunSettings(jobs=1, executor="local")
+        self.jobs = self.settings.jobs
+        self.fail_fast = self.settings.fail_fast
         self.run_id = run_id or new_run_id()
         self._inbox: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
@@ -284,7 +285,7 @@ class Runner:
             parameters_cell=step.parameters_cell, kernel=kernel_of(graph, name), language=step.language,
             outputs=tuple((ref.label, str(ref.path)) for ref in graph.outputs_of(name)), env=env,
             timeout=settings.timeout, cell_timeout=settings.cell_timeout, retries=settings.retries,
-            use_forkserver=graph.config.forkserver and os.environ.get("NBFLOW_FORKSERVER", "1") != "0",
+            use_forkserver=self.settings.forkserver, forkserver_off=self.settings.forkserver_off,
             reasons=self.results[name].reasons)
 
     def _drain_after_error(self) -> None:

@@ -18,7 +18,7 @@ This module owns
 It never executes notebook cells (the executor drives nbclient with
 ``StartedKernel.km`` / ``.kc``), never reuses a kernel for a second step, and
 never prints. jupyter_client and zmq are imported only when a kernel is needed.
-Set ``NBFLOW_FORKSERVER=0`` to always start ordinary kernels.
+Whether to fork is decided once per run (``nbflow.settings``) and passed in.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from nbflow.forkserver import ForkServer
 
 __all__ = [
-    "FORKSERVER_ENV",
     "KERNELS_FOLDER_PREFIX",
     "KernelPool",
     "KernelRequest",
@@ -52,8 +51,6 @@ __all__ = [
     "start_kernel",
 ]
 
-#: Environment variable that disables the fork server when set to 0 / false / no / off.
-FORKSERVER_ENV = "NBFLOW_FORKSERVER"
 #: Folders (os.pathsep-separated) a kernel puts first on sys.path: the pipeline's `pythonpath`.
 PYTHONPATH_ENV = "NBFLOW_PYTHONPATH"
 
@@ -143,8 +140,8 @@ class StartedKernel:
 async def start_kernel(request: KernelRequest, *, use_forkserver: bool = True) -> StartedKernel:
     """Start a fresh kernel for ``request`` and return it connected and ready.
 
-    Forks it from this process's fork server when ``use_forkserver`` (and
-    ``NBFLOW_FORKSERVER`` is not 0) and the kernel spec runs this interpreter
+    Forks it from this process's fork server when ``use_forkserver`` and the
+    kernel spec runs this interpreter
     with ipykernel; otherwise, or when forking fails for any reason, starts an
     ordinary kernel and records why in ``fallback_reason``.
     """
@@ -161,9 +158,10 @@ class KernelPool:
     the pool owns its fork server (started on first use) and stops it in :meth:`close`.
     """
 
-    def __init__(self, *, max_prestarted: int, use_forkserver: bool = True) -> None:
+    def __init__(self, *, max_prestarted: int, use_forkserver: bool = True, forkserver_off: str | None = None) -> None:
         self._max_prestarted = max_prestarted
         self._use_forkserver = use_forkserver
+        self._forkserver_off = forkserver_off
         self._fork_server: ForkServer | None = None
         self._prestarted: dict[str, tuple[KernelRequest, asyncio.Task[StartedKernel]]] = {}
         self._folder: tuple[str, int] | None = None  # (path, holder fd) of its kernels' files
@@ -214,7 +212,7 @@ class KernelPool:
             self._folder = None
 
     async def _start(self, request: KernelRequest) -> StartedKernel:
-        disabled = _forkserver_disabled_reason(self._use_forkserver)
+        disabled = _forkserver_disabled_reason(self._use_forkserver, self._forkserver_off)
         if disabled is None and self._fork_server is None:
             from nbflow.forkserver import ForkServer
 
@@ -245,11 +243,9 @@ def _shared_fork_server() -> ForkServer:
         return _shared_server
 
 
-def _forkserver_disabled_reason(use_forkserver: bool) -> str | None:
+def _forkserver_disabled_reason(use_forkserver: bool, why: str | None = None) -> str | None:
     if not use_forkserver:
-        return "fork server not requested (use_forkserver=False)"
-    if os.environ.get(FORKSERVER_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
-        return f"fork server disabled by {FORKSERVER_ENV}={os.environ[FORKSERVER_ENV]}"
+        return f"fork server turned off ({why or 'use_forkserver=False'})"
     return None
 
 

@@ -125,20 +125,6 @@ def test_use_forkserver_false_gives_an_ordinary_kernel(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_environment_variable_disables_the_forkserver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NBFLOW_FORKSERVER", "0")
-
-    async def main() -> None:
-        started = await start_kernel(request(tmp_path))
-        try:
-            assert started.mode == "ordinary"
-            assert "NBFLOW_FORKSERVER=0" in (started.fallback_reason or "")
-        finally:
-            await started.stop()
-
-    asyncio.run(main())
-
-
 def test_kernel_spec_not_running_this_interpreter_falls_back(tmp_path: Path, shell_wrapped_kernel: str) -> None:
     async def main() -> None:
         started = await start_kernel(KernelRequest(shell_wrapped_kernel, str(tmp_path), {}))

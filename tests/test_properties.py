@@ -27,6 +27,7 @@ from nbflow.executors import StepOutcome
 from nbflow.graph import build_graph
 from nbflow.notebook import DECLARATIONS, Step, load_notebook_json, read_step
 from nbflow.plan import make_plan
+from nbflow.settings import RunSettings
 from nbflow.state import Ledger, LedgerRecorder
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -171,7 +172,7 @@ def tiny_run(root: Path, failing=(), jobs: int = 1):
         plan = make_plan(graph, ledger)
         events = []
         runner = Runner(plan, ledger, TinyExecutor(failing), listeners=[events.append],
-                        recorder=LedgerRecorder(ledger), jobs=jobs)
+                        recorder=LedgerRecorder(ledger), settings=RunSettings(jobs=jobs, executor="local"))
         return plan, runner.run(), events
     finally:
         ledger.close()

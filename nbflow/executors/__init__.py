@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..events import Event, StepError, StepStatus
+
+if TYPE_CHECKING:
+    from ..settings import RunSettings
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class StepTask:
     timeout: float | None = None
     cell_timeout: float | None = None
     retries: int = 0  # how many times the Runner may retry this step after a failure
-    use_forkserver: bool = True
+    use_forkserver: bool = True  # RunSettings.forkserver
+    forkserver_off: str | None = None  # what turned it off
     reasons: tuple[str, ...] = ()
 
 
@@ -67,13 +71,13 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def make_executor(name: str, *, jobs: int, dask_address: str | None = None) -> Executor:
-    if name == "local":
+def make_executor(settings: "RunSettings") -> Executor:
+    if settings.executor == "local":
         from .local import LocalExecutor  # noqa: PLC0415
 
-        return LocalExecutor(jobs=jobs)
-    if name == "dask":
+        return LocalExecutor(settings)
+    if settings.executor == "dask":
         from .dask import DaskExecutor  # noqa: PLC0415
 
-        return DaskExecutor(jobs=jobs, address=dask_address)
-    raise ValueError(f"unknown executor {name!r}; use 'local' or 'dask'")
+        return DaskExecutor(settings)
+    raise ValueError(f"unknown executor {settings.executor!r}; use 'local' or 'dask'")

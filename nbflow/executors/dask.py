@@ -15,8 +15,13 @@ import concurrent.futures
 import threading
 import uuid
 
+from typing import TYPE_CHECKING
+
 from ..errors import PipelineError
 from . import Emit, StepOutcome, StepTask
+
+if TYPE_CHECKING:
+    from ..settings import RunSettings
 
 
 def _import_distributed():
@@ -28,7 +33,8 @@ def _import_distributed():
 
 
 class DaskExecutor:
-    def __init__(self, *, jobs: int, address: str | None = None):
+    def __init__(self, settings: "RunSettings"):
+        jobs, address = settings.jobs, settings.dask_address
         distributed = _import_distributed()
         self.cluster = None
         if address:
@@ -107,7 +113,7 @@ def run_on_worker(task: StepTask, topic: str) -> StepOutcome:
     cancel = distributed.Event(f"{topic}-cancel")
 
     async def main() -> StepOutcome:
-        pool = KernelPool(max_prestarted=0)
+        pool = KernelPool(max_prestarted=0, use_forkserver=task.use_forkserver, forkserver_off=task.forkserver_off)
         step = asyncio.ensure_future(execute_step(task, events.put, pool))
 
         async def watch() -> None:

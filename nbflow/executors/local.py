@@ -12,15 +12,21 @@ import asyncio
 import concurrent.futures
 import threading
 
+from typing import TYPE_CHECKING
+
 from . import Emit, StepOutcome, StepTask
 from .step import execute_step
 
+if TYPE_CHECKING:
+    from ..settings import RunSettings
+
 
 class LocalExecutor:
-    def __init__(self, *, jobs: int):
+    def __init__(self, settings: "RunSettings"):
         from ..kernels import KernelPool  # noqa: PLC0415
 
-        self.jobs = jobs
+        self.jobs = settings.jobs
+        self.settings = settings
         self.loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task] = set()
         self._thread = threading.Thread(target=self._serve, name="nbflow-executor", daemon=True)
@@ -28,7 +34,8 @@ class LocalExecutor:
         self.pool: KernelPool = self._call(self._make_pool(KernelPool)).result()
 
     async def _make_pool(self, pool_class):
-        return pool_class(max_prestarted=max(1, self.jobs))
+        return pool_class(max_prestarted=max(1, self.jobs), use_forkserver=self.settings.forkserver,
+                          forkserver_off=self.settings.forkserver_off)
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
