@@ -5,7 +5,8 @@ CellRunner on a kernel nbflow starts, and the two results must be the same:
 cell by cell the outputs, execution counts and which timings were recorded;
 what the Output widgets captured; how the run ended (finished, or the exception
 that stopped it). Only what differs between any two runs is normalised: widget
-model ids, memory addresses, timing values. A notebook that still differs is a
+model ids, memory addresses, timing values, where a stream was split into
+messages, the cell a kernel died in. A notebook that still differs is a
 strict xfail whose reason is also in the README ("Executed notebooks and nbclient").
 """
 
@@ -14,13 +15,17 @@ from __future__ import annotations
 import copy
 import json
 import re
-from pathlib import Path
+import time
+from queue import Empty
 
 import nbformat
 import pytest
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.channels import AsyncZMQSocketChannel
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
+from traitlets import Type, default
 
 from conftest import FIXTURES
 from kernel_helpers import shut_down_shared_fork_server  # noqa: F401  (autouse fixture)
@@ -42,15 +47,39 @@ def notebooks() -> list:
             for path in sorted(PARITY.glob("*.ipynb"))]
 
 
-def run_with_nbclient(nb: nbformat.NotebookNode, sockets: Path) -> tuple[str, list[list]]:
+class _ShellPolledInSlices(AsyncZMQSocketChannel):
+    """nbclient's Output widget sends on the shell socket while another task waits on it for the execute
+    reply, and that wait can miss the reply until its timeout (forever without one): nbclient issue #312,
+    https://github.com/jupyter/nbclient/issues/312, seen here on Output.ipynb. Waiting in 0.1 s slices
+    changes only how soon nbclient sees the reply."""
+
+    async def get_msg(self, timeout: float | None = None) -> dict:  # type: ignore[override]  # as its base
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
+            try:
+                return await super().get_msg(timeout=left)
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+
+class _Client(AsyncKernelClient):
+    shell_channel_class = Type(_ShellPolledInSlices)
+
+
+class _KernelManager(AsyncKernelManager):
+    @default("client_factory")
+    def _client_factory_default(self) -> type:
+        return _Client
+
+
+def run_with_nbclient(nb: nbformat.NotebookNode) -> tuple[str, list[list]]:
     """How the run ended, and what each Output widget captured (in the order they were opened)."""
-    # Unix sockets, as nbflow's kernels use: no race for TCP ports with the kernels other tests start
-    # (a run here once waited forever for a reply from a live TCP kernel)
-    km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=str(sockets / "kernel"))
-    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(PARITY)}},
-                            shutdown_kernel="immediate")
+    client = NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(PARITY)}},
+                            kernel_manager_class=_KernelManager, timeout=CELL_TIMEOUT, shutdown_kernel="immediate")
     try:
-        client.execute(cleanup_kc=True)
+        client.execute()
         ended = "finished"
     except CellExecutionError as e:
         ended = f"CellExecutionError {e.ename}"
@@ -67,8 +96,8 @@ def run_with_nbflow(cells: list[dict]) -> tuple[str, list[list]]:
 
 
 def normalised_outputs(outputs: list) -> list[dict]:
-    plain = json.loads(json.dumps(outputs))
-    for output in plain:
+    plain: list[dict] = []
+    for output in json.loads(json.dumps(outputs)):
         view = output.get("data", {}).get("application/vnd.jupyter.widget-view+json")
         if view:
             view["model_id"] = "<MODEL_ID>"
@@ -79,6 +108,13 @@ def normalised_outputs(outputs: list) -> list[dict]:
             output["data"]["text/plain"] = _ADDRESS.sub("<HEXADDR>", output["data"]["text/plain"])
         if "traceback" in output:
             output["traceback"] = [_ADDRESS.sub("<HEXADDR>", line) for line in output["traceback"]]
+        last = plain[-1] if plain else None
+        if last and last["output_type"] == output["output_type"] == "stream" and last["name"] == output["name"]:
+            # where the kernel splits a stream into messages depends on its flush timer (test_cells has the
+            # exact split); a stream of another name or any other output in between still counts
+            last["text"] += output["text"]
+        else:
+            plain.append(output)
     return plain
 
 
@@ -98,11 +134,11 @@ def normalised(cells: list) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", notebooks())
-def test_cell_runner_records_what_nbclient_records(name: str, tmp_path: Path) -> None:
+def test_cell_runner_records_what_nbclient_records(name: str) -> None:
     source = nbformat.read(PARITY / name, as_version=4)
     by_nbclient = copy.deepcopy(source)
     by_nbflow = json.loads(json.dumps(source))
-    ended_nbclient, captured_nbclient = run_with_nbclient(by_nbclient, tmp_path)
+    ended_nbclient, captured_nbclient = run_with_nbclient(by_nbclient)
     ended_nbflow, captured_nbflow = run_with_nbflow(by_nbflow["cells"])
     assert normalised(by_nbflow["cells"]) == normalised(by_nbclient.cells)
     assert [normalised_outputs(o) for o in captured_nbflow] == [normalised_outputs(o) for o in captured_nbclient]
