@@ -15,21 +15,24 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__
 
 __all__ = [
-    "run", "Pipeline", "history", "clean", "repair", "glue", "load_value", "RunHandle",
-    "NbflowError", "PipelineError", "StepFailed", "LedgerDamaged", "StepStatus", "RunStatus", "RunResult",
+    "run", "start", "Pipeline", "RunHandle", "history", "show", "lineage", "schedule", "clean", "repair",
+    "glue", "load_value",
+    "NbflowError", "PipelineError", "RunFailed", "PipelineLocked", "LedgerDamaged",
+    "StepStatus", "RunStatus", "RunResult", "StepResult", "StepError",
 ]
 
 _LAZY = {
-    "run": "api", "Pipeline": "api", "history": "api", "clean": "api", "repair": "api", "RunHandle": "api",
-    "glue": "values", "load_value": "values",
-    "NbflowError": "errors", "PipelineError": "errors", "StepFailed": "errors", "LedgerDamaged": "errors",
-    "StepStatus": "events", "RunStatus": "events", "RunResult": "events",
+    **dict.fromkeys(["run", "start", "Pipeline", "RunHandle", "history", "show", "lineage", "schedule", "clean",
+                     "repair"], "api"),
+    **dict.fromkeys(["glue", "load_value"], "values"),
+    **dict.fromkeys(["NbflowError", "PipelineError", "RunFailed", "PipelineLocked", "LedgerDamaged"], "errors"),
+    **dict.fromkeys(["StepStatus", "RunStatus", "RunResult", "StepResult", "StepError"], "events"),
 }
 
 if TYPE_CHECKING:
-    from .api import Pipeline, RunHandle, clean, history, repair, run
-    from .errors import LedgerDamaged, NbflowError, PipelineError, StepFailed
-    from .events import RunResult, RunStatus, StepStatus
+    from .api import Pipeline, RunHandle, clean, history, lineage, repair, run, schedule, show, start
+    from .errors import LedgerDamaged, NbflowError, PipelineError, PipelineLocked, RunFailed
+    from .events import RunResult, RunStatus, StepError, StepResult, StepStatus
     from .values import glue, load_value
 
 

@@ -273,6 +273,16 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     return execute()
 
 
+def start(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), **options: Any) -> RunHandle:
+    """Start a run in a background thread and return its handle at once: `.wait()`, `.cancel()`, `.result`.
+
+    Takes the same options as `run` (`nbflow.run(..., background=True)` is the same call).
+    """
+    handle = run(pipeline, steps, background=True, **options)
+    assert isinstance(handle, RunHandle)
+    return handle
+
+
 def _wait_processing_ui_events(handle: RunHandle, ui_events) -> RunResult:
     """Wait for a run in the cell while the kernel handles widget events (the Cancel button).
 

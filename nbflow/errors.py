@@ -64,10 +64,22 @@ class CommandError(NbflowError):
     exit_code = 2
 
 
-class StepFailed(NbflowError):
-    """A step failed or the run was cancelled (exit code 1)."""
+class RunFailed(NbflowError):
+    """A run ended with a failed step or was cancelled (exit code 1): `RunResult.check()` raises it.
+
+    `.result` is the RunResult; the message names each step that did not succeed and why.
+    """
 
     exit_code = 1
+
+    def __init__(self, result):
+        self.result = result
+        bad = [f"{name}: {step.status}" + (f" ({step.error.summary()})" if step.error else "")
+               for name, step in result.steps.items() if step.status in ("failed", "not_run", "cancelled")]
+        super().__init__(f"run {result.run_id} {result.status}: " + "; ".join(bad))
+
+    def __reduce__(self):
+        return (type(self), (self.result,))
 
 
 class PipelineLocked(NbflowError):

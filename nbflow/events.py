@@ -12,7 +12,9 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable
 
 
-class StepStatus(str, enum.Enum):
+class StepStatus(enum.StrEnum):
+    """Where a step of a run is; equal to its value ("succeeded" == StepStatus.SUCCEEDED)."""
+
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -21,19 +23,15 @@ class StepStatus(str, enum.Enum):
     NOT_RUN = "not_run"
     CANCELLED = "cancelled"
 
-    def __str__(self) -> str:
-        return self.value
 
+class RunStatus(enum.StrEnum):
+    """How a run ended (or that it goes on)."""
 
-class RunStatus(str, enum.Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"  # nbflow itself died; noticed by the next run
-
-    def __str__(self) -> str:
-        return self.value
 
 
 #: Bounds of the texts a StepError keeps: it reaches the ledger, --json, the log, the report, the
@@ -238,6 +236,14 @@ class RunResult:
     def ok(self) -> bool:
         return self.status == RunStatus.SUCCEEDED
 
+    def check(self) -> "RunResult":
+        """Raise RunFailed (exit code 1) unless every step succeeded or was fresh; for scripts and CI."""
+        if not self.ok:
+            from .errors import RunFailed  # noqa: PLC0415 - errors imports nothing of nbflow either
+
+            raise RunFailed(self)
+        return self
+
     @property
     def duration_s(self) -> float:
         return self.finished_at - self.started_at
@@ -260,4 +266,8 @@ class RunFinished(Event):
 
 Listener = Callable[[Event], None]
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("annotations",)]
+__all__ = [
+    "StepStatus", "RunStatus", "StepError", "FileRecord", "PlannedStep", "Event", "RunStarted", "StepSkipped",
+    "StepStarted", "CellStarted", "CellFinished", "StepSucceeded", "StepFailed", "StepCancelled", "StepNotRun",
+    "StepResult", "RunResult", "RunFinished", "Listener",
+]

@@ -128,7 +128,7 @@ def project_root(folder: Path) -> Path | None:
     return None
 
 
-def other_pipelines(root: Path) -> list[Problem]:
+def other_pipelines(root: Path, nested: list[Path]) -> list[Problem]:
     """A folder that is not a pipeline yet but lies inside one, or holds one: never a second ledger unsaid.
 
     A folder is a pipeline once it has `nbflow.yaml` or `_nbflow/` (as a git
@@ -138,23 +138,31 @@ def other_pipelines(root: Path) -> list[Problem]:
     if (root / CONFIG_NAME).exists() or (root / STATE_DIR).is_dir():
         return []
     make_own = f"or create {root / CONFIG_NAME} (it may be empty) to make {root} a pipeline of its own"
+    home = Path.home()
     for above in root.parents:
+        if above == above.parent or above == home.parent:
+            break  # never the file system's root or the folder of home folders: a stray _nbflow/ there is no project
         if (above / STATE_DIR).is_dir() or (above / CONFIG_NAME).exists():
             return [Problem(f"{root} is inside the pipeline {above} (it has {STATE_DIR}/ or {CONFIG_NAME}); run "
                             f"`nbflow run {above}` (name steps to run only some), {make_own}")]
-    for folder, dirs, _ in os.walk(root):
-        if STATE_DIR in dirs:
-            inner = Path(folder)
-            return [Problem(f"{inner} below {root} is a pipeline already (it has {STATE_DIR}/); run "
-                            f"`nbflow run {inner}`, {make_own}")]
-        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
+        if (above / ".git").exists() or (above / "pyproject.toml").is_file():
+            break  # a project's root: pipelines of other projects above it are none of its business
+    if nested:  # found by `discover`, which walks the folder anyway
+        inner = nested[0]
+        return [Problem(f"{inner} below {root} is a pipeline already (it has {STATE_DIR}/); run "
+                        f"`nbflow run {inner}`, {make_own}")]
     return []
 
 
-def discover(root: Path, config: Config) -> list[Path]:
-    """Every notebook file of the pipeline folder (sorted), after include/exclude."""
+def discover(root: Path, config: Config, nested: list[Path] | None = None) -> list[Path]:
+    """Every notebook file of the pipeline folder (sorted), after include/exclude.
+
+    Folders below `root` that hold a state folder of their own are added to `nested`.
+    """
     found: list[Path] = []
     for folder, dirs, files in os.walk(root):
+        if nested is not None and folder != str(root) and STATE_DIR in dirs:
+            nested.append(Path(folder))
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
         for f in sorted(files):
             if f.startswith(".") or not f.endswith(NOTEBOOK_SUFFIXES):
@@ -191,8 +199,9 @@ def build_graph(root: str | os.PathLike, config: Config | None = None,
         except PipelineError as e:
             problems += e.problems
             config = Config()
-    problems += other_pipelines(root)
-    steps, not_steps = _read_steps(root, config, problems)
+    nested: list[Path] = []
+    steps, not_steps = _read_steps(root, config, problems, nested)
+    problems[:0] = other_pipelines(root, nested)
     producers, value_producers = _producers(root, steps, problems)
     upstream, produced = _edges(root, steps, producers, value_producers, problems)
     problems += [lost_step_problem(nb, f"step {reader!r} reads {relative_to(path, root)}, which it writes")
@@ -214,10 +223,11 @@ def build_graph(root: str | os.PathLike, config: Config | None = None,
                  upstream=upstream, order=order, value_producers=value_producers, produced=frozenset(produced))
 
 
-def _read_steps(root: Path, config: Config, problems: list[Problem]) -> tuple[dict[str, Step], list[NotAStep]]:
+def _read_steps(root: Path, config: Config, problems: list[Problem], nested: list[Path]
+                ) -> tuple[dict[str, Step], list[NotAStep]]:
     steps: dict[str, Step] = {}
     not_steps: list[NotAStep] = []
-    for path in discover(root, config):
+    for path in discover(root, config, nested):
         try:
             item = read_step(path, root)
         except PipelineError as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import nbflow
 from nbflow.events import RunStatus, StepStatus
 
@@ -64,3 +66,28 @@ def test_status_reads_the_notebooks_as_they_are_now(fixture_pipeline, notebook_f
     notebook_factory(root / "a.ipynb", 'inputs = {"seed": "data/seed.txt"}\noutputs = {"a": "data/a.txt"}\nscale = 2',
                      'open(outputs["a"], "w").write("0")')
     assert {s.name: s.reasons for s in pipeline.status()}["a"] == ("cell 2 changed",)
+
+
+def test_start_returns_a_handle_and_check_raises_for_a_failed_run(fixture_pipeline):
+    import pickle
+
+    root = fixture_pipeline("step_raises")
+    handle = nbflow.start(root, display=False)
+    assert isinstance(handle, nbflow.RunHandle)
+    result = handle.wait()
+    assert result is not None and not result.ok
+    with pytest.raises(nbflow.RunFailed, match=r"boom: failed \(ZeroDivisionError: division by zero") as err:
+        result.check()
+    assert err.value.exit_code == 1 and err.value.result is result
+    assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)  # survives pickling (dask, threads)
+    assert nbflow.run(root, "ok", display=False).check().ok
+
+
+def test_the_public_names_exist_and_states_are_strings():
+    for name in nbflow.__all__:
+        assert getattr(nbflow, name) is not None, name
+    assert nbflow.StepStatus.NOT_RUN == "not_run" and f"{nbflow.RunStatus.CANCELLED}" == "cancelled"
+    from nbflow import events
+
+    assert set(events.__all__) >= {"StepFailed", "StepStarted", "RunResult", "Listener"}
+    assert not any(name.startswith("_") for name in events.__all__)

@@ -94,17 +94,18 @@ def test_interrupted_runs_are_recorded_by_the_next_run(tmp_path, fixture_pipelin
 
 
 def test_lock_refuses_a_second_run_and_names_the_first(tmp_path):
-    first = RunLock(tmp_path)
+    state = tmp_path / "_nbflow"
+    first = RunLock(state)
     first.acquire("run-one")
     code = ("import sys; from nbflow.state import RunLock\n"
             "try:\n    RunLock(sys.argv[1]).acquire('two')\nexcept Exception as e:\n    print(e)")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", code, str(state)], capture_output=True, text=True).stdout
     assert "another nbflow run of this pipeline is in progress (run run-one" in out and "pid " in out
     with pytest.raises(PipelineLocked):
         # the same process, a second open file description: flock refuses too
-        RunLock(tmp_path).acquire("again")
+        RunLock(state).acquire("again")
     first.release()
-    again = RunLock(tmp_path)
+    again = RunLock(state)
     again.acquire("now free")
     again.release()
 
