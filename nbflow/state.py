@@ -135,10 +135,7 @@ class Ledger:
 
     # -- files -------------------------------------------------------------------
     def rel(self, path: Path) -> str:
-        try:
-            return Path(path).relative_to(self.root).as_posix()
-        except ValueError:
-            return os.path.relpath(path, self.root)
+        return relative_to(Path(path), self.root)
 
     def file_hash(self, path: Path) -> tuple[str, int] | None:
         """(sha256, size) of a file or a folder, or None when it does not exist.
@@ -265,7 +262,7 @@ class Ledger:
 
         ids = [r[0] for r in self.conn.execute("SELECT run_id FROM runs ORDER BY started_at DESC").fetchall()]
         if not ids:
-            raise CommandError(f"no runs recorded yet in {self.path}; run the pipeline first")
+            raise CommandError(f"no runs recorded yet in {self.path}; run `nbflow run {self.root}` first")
         if wanted in (None, "", "latest"):
             return ids[0]
         matches = [i for i in ids if i.startswith(wanted)]

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from nbflow.cli import main
-from nbflow.errors import NbflowError, PipelineError
+from nbflow.errors import CommandError, NbflowError, PipelineError
 from nbflow.events import (
     FileRecord,
     PlannedStep,
@@ -154,11 +154,12 @@ def test_a_removed_notebook_is_named_not_linked(recorded, tmp_path):
 
 
 def test_unknown_run_no_runs_and_a_bad_suffix_are_errors_that_say_what_to_do(recorded, fixture_pipeline, tmp_path):
-    with pytest.raises(PipelineError, match=r"no run '2024'.*nbflow history"):
+    # one resolution of run ids for show and report (Ledger.find_run): exit code 2 either way
+    with pytest.raises(CommandError, match=r"no run '2024'.*nbflow history"):
         report.write(recorded, tmp_path / "r.html", "2024")
-    with pytest.raises(PipelineError, match="matches 2 runs; give more of the id"):
+    with pytest.raises(CommandError, match="matches 2 runs; give more of the id"):
         report.write(recorded, tmp_path / "r.html", "2025")
-    with pytest.raises(PipelineError, match="no runs recorded yet.*nbflow run"):
+    with pytest.raises(CommandError, match="no runs recorded yet.*nbflow run"):
         report.write(fixture_pipeline("step_raises"), tmp_path / "r.html")
     with pytest.raises(PipelineError, match=r"name it with \.html"):
         report.write(recorded, tmp_path / "r.pdf")

@@ -30,16 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import NbflowError, PipelineError, Problem, did_you_mean
+from ..errors import NbflowError, PipelineError, Problem
 from ..events import MASK, StepError
 from ..graph import STATE_DIR, Graph, build_graph
+from ..layout import StateLayout
 from ..layout import StateLayout
 from ..params import is_secret_name
 from . import gantt, notebook_content, plot
 from .notebook_content import OUTPUT_MODES, NotebookContent, Output, ShownCell
 from .view import format_duration
 
-__all__ = ["write", "render", "resolve_run_id", "notebooks_dir", "OUTPUT_MODES"]
+__all__ = ["write", "render", "notebooks_dir", "OUTPUT_MODES"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -72,23 +73,6 @@ class _Shown:
     images: dict[str, str] = field(default_factory=dict)  # digest -> the step that shows it
 
 
-def resolve_run_id(runs: list[dict[str, Any]], wanted: str | None, root: Path) -> dict[str, Any]:
-    """The run named by `wanted` (a unique prefix of its id, or "latest"/None for the newest)."""
-    if not runs:
-        raise PipelineError(Problem(f"no runs recorded yet in {STATE_DIR}/history.sqlite; run "
-                                    f"`nbflow run {root}` first", file=str(root)))
-    if wanted in (None, "", "latest"):
-        return runs[0]
-    matches = [r for r in runs if r["run_id"].startswith(wanted)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        ids = [r["run_id"] for r in runs]
-        raise PipelineError(Problem(f"no run {wanted!r}{did_you_mean(wanted, ids)}; see `nbflow history {root}` "
-                                    "for the run ids", file=str(root)))
-    raise PipelineError(Problem(f"{wanted!r} matches {len(matches)} runs; give more of the id", file=str(root)))
-
-
 def notebooks_dir(report: Path) -> Path:
     """Where `--notebooks-html` puts the exported notebooks: `report_notebooks/` beside `report.html`."""
     return report.with_name(f"{report.stem}_notebooks")
@@ -116,10 +100,11 @@ def write(pipeline: str | os.PathLike, path: str | os.PathLike, run_id: str | No
     from . import notebook_html  # noqa: PLC0415
 
     exporter = notebook_html.exporter() if notebooks_html else None  # a missing extra fails before any write
-    ledger = Ledger(root / STATE_DIR, create=False)
+    ledger = Ledger(StateLayout(root).state_dir, create=False)
     try:
         runs = ledger.runs()
-        run = resolve_run_id(runs, run_id, root)
+        chosen = ledger.find_run(run_id)
+        run = next(r for r in runs if r["run_id"] == chosen)
         step_rows = ledger.step_runs(run["run_id"])
         earlier = _earlier_successes(ledger, runs, run, step_rows)
     finally:

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -22,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..events import Event, RunFinished, RunStarted, StepStatus
+from ..layout import StateLayout
 from .view import STATE_STYLES, RunView, StepView, format_duration
 
 _BAR_WIDTH = 16
@@ -155,7 +157,8 @@ class TerminalProgress:
         text = Text.assemble((f"{style.icon} run {result.run_id} {result.status.value}", style.rich),
                              f" in {format_duration(result.duration_s)}: {parts}")
         if any(r.notebook for r in self.rows.values()):
-            text.append(f"\n  executed notebooks: {self._path(f'_nbflow/runs/{result.run_id}')}/", style="grey50")
+            run_dir = StateLayout(Path(self.view.root)).run_dir(result.run_id)
+            text.append(f"\n  executed notebooks: {self._path(str(run_dir))}/", style="grey50")
         return text
 
 
