@@ -41,51 +41,63 @@ _MIN_SECRET_LENGTH = 4
 
 
 async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOutcome:
-    from .cells import CellExecutionError, CellRunner, CellTimeoutError, DeadKernelError  # noqa: PLC0415
-
-    from ..kernels import KernelRequest, KernelStartError  # noqa: PLC0415
-
-    started_at = time.time()
-    before = {path: _identity(path) for _, path in task.outputs}  # to tell a fresh write from a stale file
-    root = Path(task.root)
-    executed_path = Path(task.executed)
-    rel_executed = executed_path.relative_to(root).as_posix()
-    source = load_notebook_json(Path(task.source), task.rel_source)
-    assert isinstance(source, dict)
-    nb, numbers = executed.prepare(
-        source, task.parameters, parameters_cell=task.parameters_cell, kernel=task.kernel,
-        language=task.language, input_path=task.rel_source, output_path=rel_executed)
-    code_cells = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and c["source"].strip()]
-    total = len(code_cells)
-    emit(StepStarted(task.step, task.attempt, rel_executed, total, started_at, task.reasons))
-
-    # Every error of this attempt masks the step's secrets, before it is bounded (so no cut leaves a part of one).
-    StepError = functools.partial(_StepError, secrets=_secrets(task.env))  # noqa: N806
-    error: _StepError | None = None
-    status = StepStatus.SUCCEEDED
-    current: int | None = None  # index (in nb["cells"]) of the cell running now
-    last_done: int | None = None
-    kernel = None
-
-    def number(i: int | None) -> int | None:
-        return None if i is None else (numbers[i] or None)
-
-    def where(i: int | None) -> str:
-        if i is None:
-            return ""
-        n = numbers[i]
-        return " in the injected parameters cell" if n == 0 else f" in cell {n}"
-
-    step_timer = asyncio.timeout(task.timeout)
+    """Run one attempt of a step: its cells on a fresh kernel; always save the executed notebook."""
+    attempt = _Attempt(task, emit)
     try:
-        async with step_timer:
-            request = KernelRequest(task.kernel, task.cwd, task.env)
-            kernel = await pool.acquire(task.step, request)
-            runner = CellRunner(kernel.km, kernel.kc, timeout=task.cell_timeout)
-            for position, i in enumerate(code_cells, start=1):
-                cell = nb["cells"][i]
-                current = i
-                emit(CellStarted(task.step, numbers[i], position, total))
+        await attempt.run_cells(pool)
+    except BaseException as e:  # noqa: BLE001 - every way a step ends becomes its outcome (cancel included)
+        if not isinstance(e, Exception | asyncio.CancelledError):
+            raise
+        attempt.failed_with(e)
+    attempt.check_outputs()
+    notebook = None
+    try:
+        notebook = attempt.save()
+    finally:
+        if attempt.kernel is not None:
+            await asyncio.shield(_stop_and_reap(attempt.kernel, task.env))
+    return attempt.outcome(notebook)
+
+
+class _Attempt:
+    """One attempt of one step: the executed notebook being filled, the cell it is in, how it ended."""
+
+    def __init__(self, task: StepTask, emit: Emit):
+        self.task, self.emit = task, emit
+        self.started_at = time.time()
+        self.before = {path: _identity(path) for _, path in task.outputs}  # a fresh write vs a stale file
+        self.executed_path = Path(task.executed)
+        self.rel_executed = self.executed_path.relative_to(Path(task.root)).as_posix()
+        source = load_notebook_json(Path(task.source), task.rel_source)
+        assert isinstance(source, dict)
+        self.nb, self.numbers = executed.prepare(
+            source, task.parameters, parameters_cell=task.parameters_cell, kernel=task.kernel,
+            language=task.language, input_path=task.rel_source, output_path=self.rel_executed)
+        self.code_cells = [i for i, c in enumerate(self.nb["cells"]) if c["cell_type"] == "code"
+                           and c["source"].strip()]
+        # Every error of this attempt masks the step's secrets before it is bounded (no cut leaves part of one).
+        self.error_of = functools.partial(_StepError, secrets=_secrets(task.env))
+        self.status = StepStatus.SUCCEEDED
+        self.error: _StepError | None = None
+        self.current: int | None = None  # index (in nb["cells"]) of the cell running now
+        self.last_done: int | None = None
+        self.kernel: StartedKernel | None = None
+        self.step_timer = asyncio.timeout(task.timeout)
+        emit(StepStarted(task.step, task.attempt, self.rel_executed, len(self.code_cells), self.started_at,
+                         task.reasons))
+
+    async def run_cells(self, pool: "KernelPool") -> None:
+        from ..kernels import KernelRequest  # noqa: PLC0415
+        from .cells import CellRunner  # noqa: PLC0415
+
+        task, total = self.task, len(self.code_cells)
+        async with self.step_timer:
+            self.kernel = await pool.acquire(task.step, KernelRequest(task.kernel, task.cwd, task.env))
+            runner = CellRunner(self.kernel.km, self.kernel.kc, timeout=task.cell_timeout)
+            for position, i in enumerate(self.code_cells, start=1):
+                cell = self.nb["cells"][i]
+                self.current = i
+                self.emit(CellStarted(task.step, self.numbers[i], position, total))
                 t0 = time.time()
                 executed.mark_cell(cell, "running", start=t0)
                 ok = False
@@ -95,100 +107,112 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
                 finally:
                     t1 = time.time()
                     executed.mark_cell(cell, "completed" if ok else "failed", start=t0, end=t1, exception=not ok)
-                    emit(CellFinished(task.step, numbers[i], position, total, t1 - t0, ok))
-                last_done = i
-            current = None
-    except KernelStartError as e:
-        status, error = StepStatus.FAILED, StepError("kernel_start", "KernelStartError", str(e))
-    except CellTimeoutError:
-        status = StepStatus.FAILED
-        error = StepError("timeout", "CellTimeoutError",
-                          f"cell timed out after {task.cell_timeout:g} s (cell_timeout)", number(current),
-                          _first_line(nb, current))
-    except CellExecutionError as e:
-        status = StepStatus.FAILED
-        # The kernel's traceback, from the cell's error output. e.traceback (nbclient's message) holds
-        # everything the cell printed as well (30 MB, once): only when the error output went elsewhere
-        # (into an Output widget) is it used, and then StepError keeps its end.
-        kernel_tb = _kernel_traceback(nb["cells"][current]) if current is not None else ""
-        tb = _ANSI.sub("", kernel_tb or e.traceback)
-        error = StepError("exception", e.ename or "Error", _ANSI.sub("", e.evalue or ""), number(current),
-                          _failing_line(nb, current, tb), tb)
-    except DeadKernelError:
-        # a kernel that dies while the run is being cancelled or timed out counts as that:
-        # ask the task and the step timer whether it was our own cancel or timeout.
-        me = asyncio.current_task()
-        if me is not None and me.cancelling():
-            status = StepStatus.CANCELLED
-            error = StepError("cancelled", "Cancelled", f"run cancelled{where(current)}", number(current))
-        elif step_timer.expired():
-            status = StepStatus.FAILED
-            error = StepError("timeout", "StepTimeout", f"timed out after {task.timeout:g} s{where(current)}",
-                              number(current), _first_line(nb, current))
-        else:
-            status = StepStatus.FAILED
-            last = f"; the last cell that completed was cell {numbers[last_done]}" if last_done is not None else ""
-            error = StepError("kernel_died", "DeadKernelError",
-                              f"kernel died{where(current)}{last} (crash, os._exit, or killed for memory?)",
-                              number(current), _first_line(nb, current))
-    except TimeoutError:
-        status = StepStatus.FAILED
-        error = StepError("timeout", "StepTimeout", f"timed out after {task.timeout:g} s{where(current)}",
-                          number(current), _first_line(nb, current))
-    except asyncio.CancelledError:
-        status = StepStatus.CANCELLED
-        error = StepError("cancelled", "Cancelled", f"run cancelled{where(current)}", number(current))
-    except Exception as e:  # noqa: BLE001 - any other failure still saves the notebook
-        status = StepStatus.FAILED
-        error = StepError("exception", type(e).__name__, str(e), number(current), _first_line(nb, current))
+                    self.emit(CellFinished(task.step, self.numbers[i], position, total, t1 - t0, ok))
+                self.last_done = i
+            self.current = None
 
-    if status == StepStatus.SUCCEEDED:
-        missing = [label for label, path in task.outputs if not os.path.exists(path)]
-        odd = [f"{label} is {kind}" for label, path in task.outputs if (kind := _odd_kind(path))]
-        stale = [label for label, path in task.outputs
-                 if label not in missing and before[path] is not None and _identity(path) == before[path]]
+    def _number(self) -> int | None:
+        return None if self.current is None else (self.numbers[self.current] or None)
+
+    def _where(self) -> str:
+        if self.current is None:
+            return ""
+        n = self.numbers[self.current]
+        return " in the injected parameters cell" if n == 0 else f" in cell {n}"
+
+    def failed_with(self, e: BaseException) -> None:
+        """Say how the attempt ended, from what stopped it."""
+        from ..kernels import KernelStartError  # noqa: PLC0415
+        from .cells import CellExecutionError, CellTimeoutError, DeadKernelError  # noqa: PLC0415
+
+        task, nb, cell, number = self.task, self.nb, self.current, self._number()
+        self.status = StepStatus.FAILED
+        me = asyncio.current_task()
+        if isinstance(e, asyncio.CancelledError) or (isinstance(e, DeadKernelError) and me and me.cancelling()):
+            # a kernel that dies while the run is being cancelled counts as the cancel
+            self.status = StepStatus.CANCELLED
+            self.error = self.error_of("cancelled", "Cancelled", f"run cancelled{self._where()}", number)
+        elif isinstance(e, KernelStartError):
+            self.error = self.error_of("kernel_start", "KernelStartError", str(e))
+        elif isinstance(e, CellTimeoutError):
+            self.error = self.error_of("timeout", "CellTimeoutError",
+                                       f"cell timed out after {task.cell_timeout:g} s (cell_timeout)", number,
+                                       _first_line(nb, cell))
+        elif isinstance(e, CellExecutionError):
+            # The kernel's traceback, from the cell's error output. e.traceback (nbclient's message) holds
+            # everything the cell printed as well (30 MB, once): only when the error output went elsewhere
+            # (into an Output widget) is it used, and then StepError keeps its end.
+            kernel_tb = _kernel_traceback(nb["cells"][cell]) if cell is not None else ""
+            tb = _ANSI.sub("", kernel_tb or e.traceback)
+            self.error = self.error_of("exception", e.ename or "Error", _ANSI.sub("", e.evalue or ""), number,
+                                       _failing_line(nb, cell, tb), tb)
+        elif isinstance(e, TimeoutError) or (isinstance(e, DeadKernelError) and self.step_timer.expired()):
+            # the step timer kills the kernel: dying then is the timeout
+            self.error = self.error_of("timeout", "StepTimeout", f"timed out after {task.timeout:g} s{self._where()}",
+                                       number, _first_line(nb, cell))
+        elif isinstance(e, DeadKernelError):
+            last = (f"; the last cell that completed was cell {self.numbers[self.last_done]}"
+                    if self.last_done is not None else "")
+            self.error = self.error_of("kernel_died", "DeadKernelError",
+                                       f"kernel died{self._where()}{last} (crash, os._exit, or killed for memory?)",
+                                       number, _first_line(nb, cell))
+        else:  # any other failure still saves the notebook
+            self.error = self.error_of("exception", type(e).__name__, str(e), number, _first_line(nb, cell))
+
+    def check_outputs(self) -> None:
+        """A step that ran through fails when a declared output is missing, odd, or from before the run."""
+        if self.status != StepStatus.SUCCEEDED:
+            return
+        outputs = self.task.outputs
+        missing = [label for label, path in outputs if not os.path.exists(path)]
+        odd = [f"{label} is {kind}" for label, path in outputs if (kind := _odd_kind(path))]
+        stale = [label for label, path in outputs
+                 if label not in missing and self.before[path] is not None and _identity(path) == self.before[path]]
+        message = None
         if odd:
-            status = StepStatus.FAILED
-            error = StepError("missing_output", "MissingOutput",
-                              "declared output " + ", ".join(odd) + ", not a regular file or folder; nbflow "
-                              "hashes outputs to know whether they changed: write a file or a folder there")
+            message = ("declared output " + ", ".join(odd) + ", not a regular file or folder; nbflow hashes "
+                       "outputs to know whether they changed: write a file or a folder there")
         elif missing:
-            status = StepStatus.FAILED
-            error = StepError("missing_output", "MissingOutput",
-                              "declared output" + ("s " if len(missing) > 1 else " ") + ", ".join(missing)
-                              + " was not written by the notebook; write it, or remove it from `outputs`")
+            message = ("declared output" + ("s " if len(missing) > 1 else " ") + ", ".join(missing)
+                       + " was not written by the notebook; write it, or remove it from `outputs`")
         elif stale:
-            status = StepStatus.FAILED
-            error = StepError("missing_output", "MissingOutput",
-                              "declared output" + ("s " if len(stale) > 1 else " ") + ", ".join(stale)
-                              + " was not written by this run (the file on disk is from before it); write it "
-                              "in the notebook, or remove it from `outputs`")
-    if current is not None and status != StepStatus.SUCCEEDED:
-        executed.mark_cell(nb["cells"][current], "failed" if status == StepStatus.FAILED else "cancelled",
-                           end=time.time(), exception=True)
-    banner = None if status == StepStatus.SUCCEEDED else (error.summary() if error else "failed")
-    executed.finish(nb, started_at, failed_cell=current if error and error.kind != "missing_output" else None,
-                    banner=banner)
-    notebook: str | None = None
-    try:
-        executed.write_atomic(nb, executed_path)
-        notebook = rel_executed
-        if status == StepStatus.FAILED and task.attempt <= task.retries:
-            # a retry may follow and overwrite <step>.ipynb: this attempt keeps its own copy
-            kept = Path(task.attempt_copy)
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(executed_path, kept)
-            notebook = kept.relative_to(root).as_posix()
-        executed.write_atomic(nb, Path(task.latest))
-    except OSError as e:
-        if error is None:
-            status = StepStatus.FAILED
-            error = StepError("exception", "OSError", f"cannot save the executed notebook {rel_executed}: {e}")
-    finally:
-        if kernel is not None:
-            await asyncio.shield(_stop_and_reap(kernel, task.env))
-    return StepOutcome(task.step, task.attempt, status, started_at, time.time() - started_at, notebook, error,
-                       kernel.mode if kernel is not None else None)
+            message = ("declared output" + ("s " if len(stale) > 1 else " ") + ", ".join(stale)
+                       + " was not written by this run (the file on disk is from before it); write it in the "
+                       "notebook, or remove it from `outputs`")
+        if message:
+            self.status, self.error = StepStatus.FAILED, self.error_of("missing_output", "MissingOutput", message)
+
+    def save(self) -> str | None:
+        """Write the executed notebook (banner and marks on failure), a retry's own copy, and latest/."""
+        nb, error = self.nb, self.error
+        if self.current is not None and self.status != StepStatus.SUCCEEDED:
+            executed.mark_cell(nb["cells"][self.current], "failed" if self.status == StepStatus.FAILED
+                               else "cancelled", end=time.time(), exception=True)
+        banner = None if self.status == StepStatus.SUCCEEDED else (error.summary() if error else "failed")
+        executed.finish(nb, self.started_at, banner=banner,
+                        failed_cell=self.current if error and error.kind != "missing_output" else None)
+        try:
+            executed.write_atomic(nb, self.executed_path)
+            notebook = self.rel_executed
+            if self.status == StepStatus.FAILED and self.task.attempt <= self.task.retries:
+                # a retry may follow and overwrite <step>.ipynb: this attempt keeps its own copy
+                kept = Path(self.task.attempt_copy)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.executed_path, kept)
+                notebook = kept.relative_to(Path(self.task.root)).as_posix()
+            executed.write_atomic(nb, Path(self.task.latest))
+            return notebook
+        except OSError as e:
+            if self.error is None:
+                self.status = StepStatus.FAILED
+                self.error = self.error_of("exception", "OSError",
+                                           f"cannot save the executed notebook {self.rel_executed}: {e}")
+            return None
+
+    def outcome(self, notebook: str | None) -> StepOutcome:
+        return StepOutcome(self.task.step, self.task.attempt, self.status, self.started_at,
+                           time.time() - self.started_at, notebook, self.error,
+                           self.kernel.mode if self.kernel is not None else None)
 
 
 async def _stop_and_reap(kernel: StartedKernel, env: dict[str, str]) -> None:
