@@ -24,10 +24,9 @@ from .notebook import Step
 if TYPE_CHECKING:
     import pandas
 
-    from .schedule import Schedule
-
     from .execute import Runner
-    from .state import Ledger
+    from .schedule import Schedule
+    from .state import Ledger, RunLock
 
 
 @dataclass(frozen=True)
@@ -192,50 +191,20 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     from .execute import Runner, new_run_id  # noqa: PLC0415
     from .plan import make_plan  # noqa: PLC0415
     from .settings import resolve as resolve_settings  # noqa: PLC0415
-    from .state import Ledger, LedgerRecorder, RunLock, reap_orphans  # noqa: PLC0415
+    from .state import LedgerRecorder  # noqa: PLC0415
 
-    if isinstance(steps, str):
-        steps = [steps]
-    problems: list[Problem] = []
-    graph = build_graph(pipeline, collect=problems)
-    if not problems:
-        _require_steps(graph)
-    if problems:  # invalid: add what planning finds, without creating or locking _nbflow/
-        history = Ledger(graph.state_dir, create=False)
-        try:
-            make_plan(graph, history, steps, parameters, force=force, force_upstream=force_upstream, only=only)
-        except PipelineError as e:
-            problems += e.problems
-        finally:
-            history.close()
-        raise PipelineError(problems)
+    steps = [steps] if isinstance(steps, str) else list(steps)
+    choice = {"force": force, "force_upstream": force_upstream, "only": only}
+    graph = _valid_graph(pipeline, steps, parameters, choice)
     run_id = run_id or new_run_id()
-    lock = RunLock(graph.state_dir)
-    lock.acquire(run_id)
-    ledger = None
+    lock, ledger = _take_pipeline(graph, run_id)
     try:
-        ledger = Ledger(graph.state_dir)
-        interrupted = ledger.mark_interrupted()
-        if lock.stale and lock.stale.get("run_id") not in (None, "clean"):
-            interrupted.append(lock.stale["run_id"])
-        if interrupted:
-            reap_orphans(graph.root, interrupted)
-        plan = make_plan(graph, ledger, steps, parameters, force=force, force_upstream=force_upstream, only=only)
+        plan = make_plan(graph, ledger, steps, parameters, **choice)
         settings = resolve_settings(graph.config, jobs=jobs, executor=executor, dask_address=dask_address,
                                     fail_fast=fail_fast)
-        all_listeners = list(listeners)
-        if display is None:
-            display = _in_jupyter()
-        if display:
-            from .ui.widget import RunWidget  # noqa: PLC0415
-
-            widget = RunWidget(graph, plan)
-            widget.show()
-            all_listeners.insert(0, widget)
-        if graph.config.on_failure or graph.config.on_success:
-            from .ui.alerts import AlertHooks  # noqa: PLC0415
-
-            all_listeners.append(AlertHooks(graph.root, graph.config.on_success, graph.config.on_failure))
+        display = _in_jupyter() if display is None else display
+        widget = _widget(graph, plan) if display else None
+        all_listeners = ([widget] if widget else []) + list(listeners) + _alert_hooks(graph)
         exe = None
         if plan.to_run:
             from .executors import make_executor  # noqa: PLC0415
@@ -244,14 +213,13 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         runner = Runner(plan, ledger, exe or _NoExecutor(), listeners=all_listeners,
                         recorder=LedgerRecorder(ledger, graph.config.secrets), settings=settings, run_id=run_id)
         ui_events = _ui_poller() if display and not background else None
-        if display:
+        if widget is not None:
             # the run holds the kernel when it goes on in the cell's main thread without processing UI events
             widget.attach(runner.cancel, background=background,
                           holds_kernel=not background and ui_events is None
                           and threading.current_thread() is threading.main_thread())
     except BaseException:
-        if ledger is not None:
-            ledger.close()
+        ledger.close()
         lock.release()
         raise
 
@@ -271,6 +239,62 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     if ui_events is not None:
         return _wait_processing_ui_events(RunHandle(runner, execute), ui_events)
     return execute()
+
+
+def _valid_graph(pipeline: str | os.PathLike, steps: list[str], parameters: Mapping[str, Any] | None,
+                 choice: dict[str, bool]) -> Graph:
+    """The graph, or a PipelineError with every problem, planning's too, without creating or locking _nbflow/."""
+    from .plan import make_plan  # noqa: PLC0415
+    from .state import Ledger  # noqa: PLC0415
+
+    problems: list[Problem] = []
+    graph = build_graph(pipeline, collect=problems)
+    if not problems:
+        _require_steps(graph)
+        return graph
+    history = Ledger(graph.state_dir, create=False)
+    try:
+        make_plan(graph, history, steps, parameters, **choice)
+    except PipelineError as e:
+        problems += e.problems
+    finally:
+        history.close()
+    raise PipelineError(problems)
+
+
+def _take_pipeline(graph: Graph, run_id: str) -> tuple["RunLock", "Ledger"]:
+    """Lock the pipeline and open its ledger; record what a killed nbflow left running and kill its orphans."""
+    from .state import Ledger, RunLock, reap_orphans  # noqa: PLC0415
+
+    lock = RunLock(graph.state_dir)
+    lock.acquire(run_id)
+    try:
+        ledger = Ledger(graph.state_dir)
+        interrupted = ledger.mark_interrupted()
+    except BaseException:
+        lock.release()
+        raise
+    if lock.stale and lock.stale.get("run_id") not in (None, "clean", "repair"):
+        interrupted.append(lock.stale["run_id"])
+    if interrupted:
+        reap_orphans(graph.root, interrupted)
+    return lock, ledger
+
+
+def _widget(graph: Graph, plan: Any) -> Any:
+    from .ui.widget import RunWidget  # noqa: PLC0415
+
+    widget = RunWidget(graph, plan)
+    widget.show()
+    return widget
+
+
+def _alert_hooks(graph: Graph) -> list[Listener]:
+    if not (graph.config.on_failure or graph.config.on_success):
+        return []
+    from .ui.alerts import AlertHooks  # noqa: PLC0415
+
+    return [AlertHooks(graph.root, graph.config.on_success, graph.config.on_failure)]
 
 
 def start(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), **options: Any) -> RunHandle:
