@@ -98,6 +98,24 @@ class Pipeline:
         states += [StepState(n.name, "not_a_step", (n.reason,), path=n.rel_path) for n in g.not_steps]
         return states
 
+    def code_change(self) -> dict[str, Any] | None:
+        """The git commit now against the last run's: {commit, last_run_commit, last_run_id, differs, dirty}.
+
+        None when the folder is not in a git repository or no run recorded a commit.
+        """
+        from .audit import git_state  # noqa: PLC0415
+
+        now = git_state(self.root)
+        if now is None:
+            return None
+        with read_ledger(self.root) as ledger:
+            last = next((r for r in ledger.runs() if (r.get("audit") or {}).get("git")), None)
+        if last is None:
+            return None
+        then = last["audit"]["git"]
+        return {"commit": now["commit"], "dirty": now["dirty"], "last_run_commit": then["commit"],
+                "last_run_id": last["run_id"], "differs": now["commit"] != then["commit"]}
+
     def plot(self, path: str | os.PathLike | None = None, result: RunResult | None = None) -> str:
         """Write the DAG to `path` (.svg, .png, .html, .mmd); returns the SVG (or mermaid) text."""
         from .ui import plot  # noqa: PLC0415
@@ -179,7 +197,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         only: bool = False, jobs: int | None = None,
         executor: str | None = None, dask_address: str | None = None, fail_fast: bool = False,
         background: bool = False, listeners: Iterable[Listener] = (), display: bool | None = None,
-        run_id: str | None = None) -> "RunResult | RunHandle":
+        run_id: str | None = None, call: str | None = None) -> "RunResult | RunHandle":
     """Run the pipeline (or `steps` and what they need); returns the RunResult.
 
     Invalid pipelines raise PipelineError before any kernel starts. In
@@ -188,6 +206,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     so does the widget's Cancel button where jupyter-ui-poll can deliver its
     click (ipykernel 6). With background=True it returns a RunHandle at once.
     """
+    from . import audit  # noqa: PLC0415
     from .execute import Runner, new_run_id  # noqa: PLC0415
     from .plan import make_plan  # noqa: PLC0415
     from .settings import resolve as resolve_settings  # noqa: PLC0415
@@ -210,8 +229,11 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
             from .executors import make_executor  # noqa: PLC0415
 
             exe = make_executor(settings)
+        record = audit.collect(graph.root, call or _api_call(pipeline, steps, parameters, choice),
+                               packages=None if plan.to_run or graph.config.fingerprint_packages else {})
         runner = Runner(plan, ledger, exe or _NoExecutor(), listeners=all_listeners,
-                        recorder=LedgerRecorder(ledger, graph.config.secrets), settings=settings, run_id=run_id)
+                        recorder=LedgerRecorder(ledger, graph.config.secrets), settings=settings, run_id=run_id,
+                        audit=record)
         ui_events = _ui_poller() if display and not background else None
         if widget is not None:
             # the run holds the kernel when it goes on in the cell's main thread without processing UI events
@@ -239,6 +261,17 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     if ui_events is not None:
         return _wait_processing_ui_events(RunHandle(runner, execute), ui_events)
     return execute()
+
+
+def _api_call(pipeline: Any, steps: list[str], parameters: Mapping[str, Any] | None, choice: dict[str, bool]) -> str:
+    """The API call that started a run, as the ledger records it (secrets redacted)."""
+    from .state import redact  # noqa: PLC0415
+
+    args = [repr(str(pipeline))] + ([repr(steps)] if steps else [])
+    if parameters:
+        args.append(f"parameters={redact(dict(parameters))!r}")
+    args += [f"{k}=True" for k, v in choice.items() if v]
+    return f"nbflow.run({', '.join(args)})"
 
 
 def _valid_graph(pipeline: str | os.PathLike, steps: list[str], parameters: Mapping[str, Any] | None,

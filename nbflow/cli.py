@@ -63,6 +63,7 @@ def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], for
         as_json: bool) -> None:
     """Run PIPELINE (or STEPS and what they need); fresh steps are skipped."""
     from . import api  # noqa: PLC0415
+    from .audit import command_line  # noqa: PLC0415
     from .params import parse_assignments  # noqa: PLC0415
 
     try:
@@ -73,7 +74,7 @@ def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], for
     if only and not steps:
         raise click.UsageError("--only needs the STEPS to run")
     handle = api.run(pipeline, steps, parameters=overrides, force=force, force_upstream=force_upstream, only=only,
-                     jobs=jobs, executor=executor,
+                     jobs=jobs, executor=executor, call=command_line(),
                      dask_address=dask_address, fail_fast=fail_fast, background=True, listeners=listeners,
                      display=False)
     assert isinstance(handle, api.RunHandle)
@@ -120,10 +121,15 @@ def status(pipeline: Path, parameters: tuple[str, ...], as_json: bool) -> None:
         overrides = parse_assignments(parameters)
     except ValueError as e:
         raise PipelineError(str(e)) from None
-    states = Pipeline(pipeline).status(overrides)
+    view = Pipeline(pipeline)
+    states = view.status(overrides)
+    code = view.code_change()
     if as_json:
-        click.echo(json.dumps({"steps": [s.to_json() for s in states]}))
+        click.echo(json.dumps({"steps": [s.to_json() for s in states], "code": code}))
         return
+    if code and code["differs"]:
+        click.echo(f"code differs from the last run's commit ({code['last_run_commit'][:10]} in run "
+                   f"{code['last_run_id']}; now {code['commit'][:10]}{', with changes' if code['dirty'] else ''})")
     width = max((len(s.name) for s in states), default=4)
     for s in states:
         after = f"  (after {', '.join(s.upstream)})" if s.upstream else ""
@@ -176,6 +182,8 @@ def show(pipeline: Path, run_id: str, as_json: bool) -> None:
         return
     overrides = " ".join(f"{k}={v}" for k, v in run["parameters"].items())
     click.echo(f"run {run['run_id']}: {run['status']}" + (f"  (-p {overrides})" if overrides else ""))
+    for line in _audit_lines(run.get("audit")):
+        click.echo(f"  {line}")
     for r in run["steps"]:
         attempt = f" attempt {r['attempt']}" if r["attempt"] > 1 else ""
         click.echo(f"  {r['step']:<20} {r['status']:<10}{attempt} {_duration(r['duration_s']):>9}  "
@@ -187,6 +195,21 @@ def show(pipeline: Path, run_id: str, as_json: bool) -> None:
             click.echo(f"      error: {r['error_name']}: {r['error_value']}{cell}")
         for f in r["files"]:
             click.echo(f"      {f['role']:<6} {f['path']}  sha256 {f['sha256'][:12]}")
+
+
+def _audit_lines(audit: dict[str, Any] | None) -> list[str]:
+    if not audit:
+        return []
+    git = audit.get("git")
+    code = "not in a git repository"
+    if git:
+        code = f"commit {git['commit'][:10]}" + (f", with {git['changed_count']} changed file(s): "
+                                                 f"{', '.join(git['changed'][:5])}" if git["dirty"] else "")
+    packages = audit.get("packages") or {}
+    key = ", ".join(f"{n} {v}" for n, v in (packages.get("key") or {}).items())
+    return [f"by {audit.get('user')} on {audit.get('host')}, Python {audit.get('python')}; {code}",
+            f"started by: {audit.get('call')}"] + ([f"packages: {key} (all: sha256 {packages['sha256'][:12]})"]
+                                                   if key else [])
 
 
 def _duration(seconds: float | None) -> str:

@@ -38,6 +38,7 @@ _TOP_KEYS: dict[str, tuple[type, ...]] = {
     "forkserver": (bool,),
     "pythonpath": (list, type(None)),
     "env": (dict,),
+    "fingerprint": (dict,),
 }
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping", bool: "true or false", type(None): "null"}
@@ -87,6 +88,7 @@ class Config:
     forkserver: bool = True
     pythonpath: tuple[str, ...] | None = None  # folders relative to the pipeline folder; None: the project root
     env: dict[str, str] = field(default_factory=dict)  # for every step; `$VAR` takes the caller's VAR
+    fingerprint_packages: bool = False  # `fingerprint: {packages: true}`: package versions count too
 
     def for_step(self, name: str) -> StepSettings:
         """Defaults overlaid with the step's own settings; the pipeline's `env` under the step's."""
@@ -226,4 +228,9 @@ class _Reader:
             forkserver=top.get("forkserver", True),
             pythonpath=None if pythonpath is None else tuple(pythonpath),
             env={k: str(v) for k, v in top.get("env", {}).items()},
+            fingerprint_packages=self.fingerprint_options(top.get("fingerprint", {})),
         )
+
+    def fingerprint_options(self, raw: dict) -> bool:
+        good = self.check(raw, {"packages": (bool,)}, ("fingerprint",))
+        return bool(good.get("packages", False))

@@ -128,6 +128,7 @@ class RunStarted(Event):
     started_at: float
     plan: tuple[PlannedStep, ...]
     parameters: dict[str, Any] = field(default_factory=dict)  # redacted overrides as given
+    audit: dict[str, Any] = field(default_factory=dict)  # who ran what, with what (see audit.py)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ class Runner:
     """Runs a Plan. `listeners` see every event in order, on the Runner's thread."""
 
     def __init__(self, plan: Plan, ledger: Ledger, executor: Executor, *, listeners: Iterable[Listener] = (),
-                 recorder: Listener | None = None, settings: RunSettings | None = None, run_id: str | None = None):
+                 recorder: Listener | None = None, settings: RunSettings | None = None, run_id: str | None = None,
+                 audit: dict[str, Any] | None = None):
         self.plan = plan
         self.graph = plan.graph
         self.ledger = ledger
@@ -55,6 +56,7 @@ class Runner:
         self.jobs = self.settings.jobs
         self.fail_fast = self.settings.fail_fast
         self.run_id = run_id or new_run_id()
+        self.audit = audit or {}
         self._inbox: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
         self._running: dict[str, StepTask] = {}  # submitted to the executor, outcome not yet received
@@ -87,7 +89,7 @@ class Runner:
         planned = {p.name: p for p in self.plan.steps}
         self.results = {name: StepResult(name, StepStatus.PENDING, reasons=p.reasons) for name, p in planned.items()}
         self.emit(RunStarted(self.run_id, str(self.graph.root), started, self.plan.steps,
-                             _redact(dict(self.plan.overrides), set(self.graph.config.secrets))))
+                             _redact(dict(self.plan.overrides), set(self.graph.config.secrets)), self.audit))
         error: Exception | None = None
         try:
             self._loop(planned)

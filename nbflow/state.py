@@ -31,13 +31,13 @@ from .layout import StateLayout
 from .params import EnvRef, is_secret_name
 from .version import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: runs.audit
 REDACTED = "***"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL, status TEXT NOT NULL,
-    pid INTEGER, host TEXT, parameters TEXT, plan TEXT, nbflow_version TEXT);
+    pid INTEGER, host TEXT, parameters TEXT, plan TEXT, nbflow_version TEXT, audit TEXT);
 CREATE TABLE IF NOT EXISTS step_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL REFERENCES runs(run_id),
     step TEXT NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
@@ -115,6 +115,12 @@ class Ledger:
             except sqlite3.Error:
                 pass
             self.conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        elif version == 1:
+            try:  # nbflow 0.1's ledger: the runs get an audit column
+                self.conn.executescript(f"BEGIN; ALTER TABLE runs ADD COLUMN audit TEXT; "
+                                        f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            except sqlite3.OperationalError:
+                _rollback(self.conn)  # read-only: read it as it is (runs without audit)
 
     def check(self, thorough: bool = False) -> None:
         """Raise LedgerDamaged unless sqlite finds the file sound (quick_check; integrity_check if `thorough`)."""
@@ -209,7 +215,9 @@ class Ledger:
         return (row[0], row[1]) if row else None
 
     def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT run_id, started_at, finished_at, status, pid, host, parameters FROM runs ORDER BY started_at DESC"
+        audit = "audit" if self._has_audit() else "NULL"
+        sql = (f"SELECT run_id, started_at, finished_at, status, pid, host, parameters, {audit} FROM runs "
+               "ORDER BY started_at DESC")
         rows = self.conn.execute(sql + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
         now = _StatusNow(self.state_dir)
         result = []
@@ -221,8 +229,13 @@ class Ledger:
                 counts[now(status)] = counts.get(now(status), 0) + n
             result.append({"run_id": r[0], "started_at": r[1], "finished_at": r[2], "status": now(r[3]), "pid": r[4],
                            "host": r[5], "parameters": json.loads(r[6] or "{}"),
-                           "duration_s": None if r[2] is None else round(r[2] - r[1], 3), "steps": counts})
+                           "duration_s": None if r[2] is None else round(r[2] - r[1], 3), "steps": counts,
+                           "audit": json.loads(r[7]) if r[7] else None})
         return result
+
+    def _has_audit(self) -> bool:
+        """Whether the runs table has the audit column (a read-only 0.1 ledger has not)."""
+        return any(row[1] == "audit" for row in self.conn.execute("PRAGMA table_info(runs)").fetchall())
 
     def step_runs(self, run_id: str) -> list[dict[str, Any]]:
         cols = ["id", "step", "attempt", "status", "started_at", "finished_at", "duration_s", "notebook",
@@ -484,6 +497,10 @@ def fingerprint_parts(graph: Graph, name: str, parameters: dict[str, Any], ledge
     modules = project_modules(step.imports, (*graph.python_path(), step.folder)) if step.imports else []
     if modules:  # the project's own code it imports: editing src/features.py makes its importers stale
         parts["modules"] = {relative_to(path, graph.root): (ledger.file_hash(path) or ("",))[0] for path in modules}
+    if graph.config.fingerprint_packages:  # `fingerprint: {packages: true}`: an upgraded pandas reruns the step
+        from .audit import installed_packages  # noqa: PLC0415
+
+        parts["packages"] = installed_packages()
     env = graph.environment(name)
     if env:  # recorded only as keyed hashes: a variable may hold a credential
         parts["env"] = {var: secret_digest(ledger.state_dir, value) for var, value in env.items()}
@@ -581,6 +598,7 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
                 reasons.append(f"input {label} removed")
         reasons += _mapping_changes("module", old.get("modules", {}), parts.get("modules", {}))
         reasons += _mapping_changes("env", old.get("env", {}), parts.get("env", {}))
+        reasons += _version_changes(old.get("packages"), parts.get("packages"))
         if old.get("outputs") != parts["outputs"]:
             reasons.append("declared outputs changed")
         for rec in last["outputs"]:
@@ -595,6 +613,15 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
     for up in rerunning_upstream:
         reasons.append(f"upstream {up} reruns")
     return Freshness(name, not reasons, tuple(reasons), parts)
+
+
+def _version_changes(old: dict[str, str] | None, new: dict[str, str] | None) -> list[str]:
+    """'package pandas 2.1.0 -> 2.2.0' (only when both runs recorded package versions)."""
+    if old is None or new is None:
+        return [] if old == new else ["package versions now " + ("recorded" if new is not None else "not recorded")]
+    reasons = [f"package {n} {old[n]} -> {v}" for n, v in new.items() if n in old and old[n] != v]
+    reasons += [f"package {n} {v} added" for n, v in new.items() if n not in old]
+    return reasons + [f"package {n} removed" for n in old if n not in new]
 
 
 def _mapping_changes(what: str, old: dict[str, str], new: dict[str, str]) -> list[str]:
@@ -756,11 +783,12 @@ class LedgerRecorder:
     def _on_RunStarted(self, e: RunStarted) -> None:
         self.run_id = e.run_id
         with self.ledger.transaction() as c:
-            c.execute("INSERT INTO runs (run_id, started_at, status, pid, host, parameters, plan, nbflow_version) "
-                      "VALUES (?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO runs (run_id, started_at, status, pid, host, parameters, plan, nbflow_version, "
+                      "audit) VALUES (?,?,?,?,?,?,?,?,?)",
                       (e.run_id, e.started_at, RunStatus.RUNNING.value, os.getpid(), socket.gethostname(),
                        json.dumps(redact(e.parameters, self.secrets), default=repr),
-                       json.dumps([[p.name, p.action, list(p.reasons)] for p in e.plan]), __version__))
+                       json.dumps([[p.name, p.action, list(p.reasons)] for p in e.plan]), __version__,
+                       json.dumps(e.audit) if e.audit else None))
 
     def _insert(self, c: sqlite3.Connection, step: str, attempt: int, status: str, **cols: Any) -> int:
         cols = {"run_id": self.run_id, "step": step, "attempt": attempt, "status": status, **cols}

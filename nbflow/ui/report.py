@@ -227,6 +227,27 @@ def _anchor(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", name)
 
 
+def _audit_rows(audit: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Who ran it, with what: the run's audit record (see nbflow.audit)."""
+    if not audit:
+        return []
+    git = audit.get("git")
+    if git:
+        code = f"<code>{html.escape(git['commit'])}</code>"
+        if git.get("dirty"):
+            files = ", ".join(f"<code>{html.escape(f)}</code>" for f in git.get("changed", [])[:10])
+            code += f' <span class="muted">with {git.get("changed_count", 0)} changed file(s): {files}</span>'
+    else:
+        code = '<span class="muted">not in a git repository</span>'
+    packages = audit.get("packages") or {}
+    key = ", ".join(f"{html.escape(n)} {html.escape(v)}" for n, v in (packages.get("key") or {}).items())
+    return [("commit", code),
+            ("by", html.escape(f"{audit.get('user')} on {audit.get('host')}, Python {audit.get('python')}")),
+            ("started by", f"<code>{html.escape(str(audit.get('call')))}</code>"),
+            ("packages", (key or "–") + (f' <span class="muted">(all: sha256 {packages["sha256"][:12]})</span>'
+                                         if packages.get("sha256") else ""))]
+
+
 def _when(ts: float | None) -> str:
     if ts is None:
         return "–"
@@ -264,7 +285,7 @@ def _header(root: Path, run: dict[str, Any], steps: dict[str, dict[str, Any]]) -
         ("duration", html.escape(_duration(run["duration_s"]))),
         ("host", html.escape(f"{run.get('host') or '?'} (pid {run.get('pid') or '?'})")),
         ("parameters", params_html),
-    ]
+    ] + _audit_rows(run.get("audit"))
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return (f'<h1>Run <code>{html.escape(run["run_id"])}</code></h1>\n'
             f'<table class="header">{table}</table>')
