@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
-from .errors import PipelineError, Problem
+from .errors import PipelineError, PipelineLocked, Problem
 from .events import Listener, RunResult
 from .graph import STATE_DIR, Graph, build_graph, resolve_parameters
 from .layout import StateLayout
@@ -300,7 +300,19 @@ def _take_pipeline(graph: Graph, run_id: str) -> tuple["RunLock", "Ledger"]:
     from .state import Ledger, RunLock, reap_orphans  # noqa: PLC0415
 
     lock = RunLock(graph.state_dir)
-    lock.acquire(run_id)
+    try:
+        lock.acquire(run_id)
+    except PipelineLocked as busy:
+        from . import audit  # noqa: PLC0415
+
+        if os.environ.get(audit.TRIGGER_ENV) == "schedule":  # a tick while the last run goes on: say so, later
+            ledger = Ledger(graph.state_dir)
+            try:
+                ledger.record_skipped(run_id, {**audit.collect(graph.root, audit.command_line(), packages={}),
+                                               "skipped": str(busy)})
+            finally:
+                ledger.close()
+        raise
     try:
         ledger = Ledger(graph.state_dir)
         interrupted = ledger.mark_interrupted()
@@ -473,8 +485,13 @@ def lineage(pipeline: str | os.PathLike, path: str | os.PathLike) -> dict[str, A
     return info
 
 
-def schedule(pipeline: str | os.PathLike = ".", cron: str | None = None, *, install: bool = False) -> "Schedule":
-    """The crontab line that runs the pipeline (`cron`, else `schedule:` of nbflow.yaml); `install` adds it."""
+def schedule(pipeline: str | os.PathLike = ".", cron: str | None = None, *, install: bool = False,
+             systemd: bool = False) -> "Schedule":
+    """How to run the pipeline on a schedule (`cron`, else `schedule:` of nbflow.yaml).
+
+    The crontab line, or with `systemd` a timer and service unit pair; `install`
+    adds the line to the user's crontab (or writes and enables the units).
+    """
     from . import schedule as scheduling  # noqa: PLC0415
 
     graph = build_graph(pipeline)
@@ -487,13 +504,16 @@ def schedule(pipeline: str | os.PathLike = ".", cron: str | None = None, *, inst
                                 f"`schedule: \"0 6 * * *\"` in {graph.root / 'nbflow.yaml'}")
     expression, upcoming = scheduling.next_times(cron, source)
     layout = graph.layout
-    layout.state_dir.mkdir(exist_ok=True)  # the log's folder must exist before cron's first run
+    layout.state_dir.mkdir(exist_ok=True)  # the log's folder must exist before the first scheduled run
     line = scheduling.cron_line(expression, graph.root, layout.cron_log)
+    units = scheduling.systemd_units(expression, graph.root, layout.cron_log) if systemd else None
     warning = None
-    if install:
+    if install and units:
+        scheduling.install_systemd(units)
+    elif install:
         scheduling.install(line, graph.root)
         warning = scheduling.no_cron_daemon()
-    return scheduling.Schedule(expression, line, upcoming, layout.cron_log, install, warning)
+    return scheduling.Schedule(expression, line, upcoming, layout.cron_log, install, warning, units)
 
 
 @contextmanager

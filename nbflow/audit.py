@@ -25,6 +25,7 @@ from typing import Any
 KEY_PACKAGES = ("nbflow", "pandas", "numpy", "pyarrow", "scikit-learn", "scipy", "matplotlib", "polars",
                 "torch", "tensorflow", "ipykernel")
 _MAX_CHANGED = 50
+TRIGGER_ENV = "NBFLOW_TRIGGER"  # set by the scheduled command: the ledger records what started a run
 
 
 def collect(root: Path, call: str, *, packages: dict[str, str] | None = None) -> dict[str, Any]:
@@ -39,6 +40,7 @@ def collect(root: Path, call: str, *, packages: dict[str, str] | None = None) ->
         "packages": {"sha256": packages_digest(packages),
                      "key": {name: packages[name] for name in KEY_PACKAGES if name in packages}},
         "call": call,
+        "trigger": os.environ.get(TRIGGER_ENV) or "manual",
     }
 
 

@@ -376,15 +376,22 @@ def report(pipeline: Path, run_id: str | None, output: Path, outputs: str, input
 @PIPELINE
 @click.option("--cron", "expression", metavar='"MIN HOUR DOM MON DOW"',
               help="When to run, as a cron expression [default: schedule: in nbflow.yaml].")
-@click.option("--install", is_flag=True, help="Add the line to your crontab (replacing this pipeline's old line).")
+@click.option("--install", is_flag=True,
+              help="Add the line to your crontab (replacing this pipeline's old line), or with --systemd write and "
+                   "enable the units.")
+@click.option("--systemd", is_flag=True, help="A systemd timer and service (user units) instead of a crontab line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def schedule(pipeline: Path, expression: str | None, install: bool, as_json: bool) -> None:
-    """Print (or --install) the crontab line that runs PIPELINE on a schedule."""
+def schedule(pipeline: Path, expression: str | None, install: bool, systemd: bool, as_json: bool) -> None:
+    """Print (or --install) what runs PIPELINE on a schedule: a crontab line or systemd units.
+
+    A scheduled run that finds the previous one still running does not start; the ledger records the tick as
+    `skipped` (see `nbflow history --all`).
+    """
     from .api import schedule as make_schedule  # noqa: PLC0415
     from .schedule import EXAMPLES, BadCronExpression  # noqa: PLC0415
 
     try:
-        planned = make_schedule(pipeline, expression, install=install)
+        planned = make_schedule(pipeline, expression, install=install, systemd=systemd)
     except BadCronExpression as e:
         if e.source != "--cron":
             raise
@@ -393,14 +400,23 @@ def schedule(pipeline: Path, expression: str | None, install: bool, as_json: boo
     if as_json:
         click.echo(json.dumps(planned.to_json()))
         return
-    click.echo(planned.line)
+    if planned.units:
+        for name, text in planned.units.items():
+            click.echo(f"# {name}\n{text}")
+    else:
+        click.echo(planned.line)
     click.echo("next runs:")
     for when in planned.upcoming:
         click.echo(f"  {when:%Y-%m-%d %H:%M %a %Z}")
-    if install:
+    if install and planned.units:
+        click.echo("installed the units in ~/.config/systemd/user/ and enabled the timer")
+    elif install:
         click.echo("installed in your crontab (see it with `crontab -l`)")
         if planned.warning:
             click.echo(planned.warning, err=True)
+    elif planned.units:
+        click.echo("save them in ~/.config/systemd/user/ and `systemctl --user enable --now` the timer, or run "
+                   "this command again with --install")
     else:
         click.echo("add it with `crontab -e`, or run this command again with --install")
 

@@ -32,6 +32,7 @@ class RunStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"  # nbflow itself died; noticed by the next run
+    SKIPPED = "skipped"  # a scheduled run that found the previous one still running
 
 
 #: Bounds of the texts a StepError keeps: it reaches the ledger, --json, the log, the report, the

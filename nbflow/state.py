@@ -286,6 +286,15 @@ class Ledger:
         raise CommandError(f"no run {wanted!r}{did_you_mean(wanted, ids)}; see `nbflow history {self.root}`")
 
     # -- writes ------------------------------------------------------------------
+    def record_skipped(self, run_id: str, audit: dict[str, Any]) -> None:
+        """A scheduled run that did not start because another one holds the pipeline."""
+        now = time.time()
+        with self.transaction() as c:
+            c.execute("INSERT INTO runs (run_id, started_at, finished_at, status, pid, host, parameters, plan, "
+                      "nbflow_version, audit) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                      (run_id, now, now, RunStatus.SKIPPED.value, os.getpid(), socket.gethostname(), "{}", "[]",
+                       __version__, json.dumps(audit)))
+
     def mark_interrupted(self) -> list[str]:
         """Runs (and step attempts) left `running` by an nbflow that died: record them as interrupted.
 

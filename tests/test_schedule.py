@@ -26,8 +26,8 @@ def test_prints_the_crontab_line_and_the_next_three_runs(fixture_pipeline):
     lines = result.output.splitlines()
     nbflow = Path(sys.executable).parent / "nbflow"
     path = shlex.quote(os.environ["PATH"])  # cron's bare PATH would not find what the notebooks call
-    assert lines[0] == (f"0 6 * * * cd {root.parent} && PATH={path} {nbflow} run {root} >> {root}/_nbflow/cron.log "
-                        f"2>&1 # nbflow schedule {root}")
+    assert lines[0] == (f"0 6 * * * cd {root.parent} && PATH={path} NBFLOW_TRIGGER=schedule {nbflow} run {root} >> "
+                        f"{root}/_nbflow/cron.log 2>&1 # nbflow schedule {root}")
     assert (root / "_nbflow").is_dir()  # where cron's first run appends its log
     assert lines[1] == "next runs:"
     times = [dt.datetime.strptime(line.split()[0] + " " + line.split()[1], "%Y-%m-%d %H:%M") for line in lines[2:5]]
@@ -123,3 +123,52 @@ def test_the_line_runs_the_pipeline_in_cron_s_bare_environment(fixture_pipeline)
     assert proc.returncode == 0, proc.stderr + (root / "_nbflow" / "cron.log").read_text()
     assert (root / "data" / "d.txt").read_text() == "43|c42"
     assert "succeeded" in (root / "_nbflow" / "cron.log").read_text()
+
+
+def test_cron_expressions_become_systemd_calendars_that_systemd_accepts(fixture_pipeline):
+    import shutil
+    import subprocess
+
+    from nbflow.schedule import on_calendar
+
+    cases = {"0 6 * * *": "*-*-* 06:00:00", "30 */2 * * 1-5": "Mon..Fri *-*-* 00/2:30:00",
+             "15 8 1 * *": "*-*-01 08:15:00", "0 0 * * 0,6": "Sun,Sat *-*-* 00:00:00", "@daily": "*-*-* 00:00:00"}
+    for cron, calendar in cases.items():
+        assert on_calendar(cron) == calendar
+        if shutil.which("systemd-analyze"):
+            check = subprocess.run(["systemd-analyze", "calendar", calendar], capture_output=True, text=True)
+            assert check.returncode == 0, (calendar, check.stderr)
+    root = fixture_pipeline("diamond")
+    result = schedule(str(root), "--cron", "30 */2 * * 1-5", "--systemd")
+    assert result.exit_code == 0, result.output
+    assert "OnCalendar=Mon..Fri *-*-* 00/2:30:00" in result.output and "Persistent=true" in result.output
+    assert "ExecStart=/bin/sh -c " in result.output and "NBFLOW_TRIGGER=schedule" in result.output
+    both = schedule(str(root), "--cron", "0 6 1 * 1", "--systemd")
+    assert both.exit_code == 2 and "give one of the two as *" in both.output
+
+
+def test_a_tick_that_finds_a_run_in_progress_is_recorded_as_skipped(fixture_pipeline, monkeypatch):
+    import nbflow
+    from nbflow.errors import PipelineLocked
+    from nbflow.state import RunLock
+
+    root = fixture_pipeline("diamond")
+    assert nbflow.run(root, display=False).ok
+    lock = RunLock(root / "_nbflow")
+    lock.acquire("a-long-run")
+    monkeypatch.setenv("NBFLOW_TRIGGER", "schedule")
+    try:
+        try:
+            nbflow.run(root, display=False)
+        except PipelineLocked:
+            pass
+        else:
+            raise AssertionError("a second run must be refused")
+    finally:
+        lock.release()
+    latest = nbflow.show(root)
+    assert latest["status"] == "skipped" and latest["audit"]["trigger"] == "schedule"
+    assert "a-long-run" in latest["audit"]["skipped"]
+    monkeypatch.delenv("NBFLOW_TRIGGER")
+    assert nbflow.run(root, display=False).ok
+    assert nbflow.show(root)["audit"]["trigger"] == "manual"
