@@ -186,7 +186,7 @@ def lab(tmp_path_factory):
     _notebook(work / "run_blocking.ipynb",
               'import nbflow\nresult = nbflow.run("blocking", parameters={"delay": 3})', NEXT_CELL)
     _notebook(work / "run_background.ipynb",
-              'import nbflow\nhandle = nbflow.run("background", parameters={"delay": 3}, background=True)',
+              'import nbflow\nhandle = nbflow.run("background", parameters={"total.delay": 3}, background=True)',
               'result = handle.wait()\nprint("waited:", result.status)')
     env = dict(os.environ)
     for var, folder in [("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
@@ -267,6 +267,7 @@ def lab_page(lab: Lab, browser):
 def open_notebook(lab: Lab, lab_page: Page):
     """Open a notebook from the file browser; at the end, shut its kernel down from the Kernel menu."""
     running = lab.processes()
+    kernels = {k["id"] for k in lab.api("GET", "/api/kernels")}
     opened: list[str] = []
 
     def open_(name: str) -> Locator:
@@ -276,9 +277,14 @@ def open_notebook(lab: Lab, lab_page: Page):
     yield open_
     if not opened:  # the test skipped first
         return
-    for name in opened:
-        shut_down(lab, f"class/{name}", running)
     close_all(lab_page)
+    # the notebook's kernel, and those of the notebooks its links opened
+    stop = {lab.kernel_id(f"class/{name}") for name in opened}
+    stop |= {k["id"] for k in lab.api("GET", "/api/kernels") if k["id"] not in kernels}
+    for kernel_id in stop - {None}:
+        lab.api("DELETE", f"/api/kernels/{kernel_id}")
+    for kernel_id in stop - {None}:
+        lab.wait_until_stopped(kernel_id, running)
 
 
 def shut_down(lab: Lab, notebook: str, others: set[psutil.Process]) -> None:
@@ -550,16 +556,28 @@ def test_cancel_button_stops_a_blocking_run(lab: Lab, open_notebook):
 
 def test_cancel_button_stops_a_background_run_while_another_cell_waits(lab: Lab, open_notebook):
     panel = open_notebook("run_background.ipynb")
-    menu(panel.page, "Run", "Run All Cells")  # cell 1 returns at once; cell 2 waits in handle.wait()
+    page = panel.page
+    menu(page, "Run", "Run All Cells")  # cell 1 returns at once; cell 2 waits in handle.wait()
     view = widget(panel)
-    expect(row(panel, "numbers").locator(".nbflow-state")).to_have_text(re.compile("running"), timeout=30_000)
+    expect(row(panel, "total").locator(".nbflow-state")).to_have_text(re.compile("running"), timeout=30_000)
     cells = panel.locator(".jp-Notebook .jp-CodeCell")
     expect(cells.nth(1).locator(".jp-InputArea-prompt")).to_have_text("[*]:")  # the kernel is busy
+    expect(panel.locator(".nbflow-widget")).to_have_count(1)  # still the live widget
+
+    # a link of the live widget opens the executed notebook as a tab of this Lab
+    link = row(panel, "numbers").locator("a.nbflow-link")
+    expect(link).to_have_attribute("data-commandlinker-command", "docmanager:open")
+    pages = len(page.context.pages)
+    link.click()
+    expect_opened_in_lab(page, "numbers.ipynb", pages)
+    page.locator(".lm-TabBar-tab .lm-TabBar-tabLabel", has_text="run_background.ipynb").click()
+    expect(row(panel, "total").locator(".nbflow-state")).to_have_text(re.compile("running"))
+
     view.get_by_role("button", name="Cancel").click()
     expect(view.get_by_role("button", name="Cancelling…")).to_be_visible()  # at once, not when the kernel is free
     expect(view.locator(".nbflow-runstate")).to_contain_text("cancelled", timeout=30_000)
-    expect(row(panel, "numbers").locator(".nbflow-state")).to_have_text(re.compile("cancelled"))
-    expect(row(panel, "total").locator(".nbflow-state")).to_have_text(re.compile("not started"))
+    expect(row(panel, "numbers").locator(".nbflow-state")).to_have_text(re.compile("succeeded"))
+    expect(row(panel, "total").locator(".nbflow-state")).to_have_text(re.compile("cancelled"))
     expect(view.locator(".nbflow-notice")).to_contain_text("the background run ended")
     expect(cells.nth(1).locator(".jp-OutputArea-output")).to_have_text("waited: cancelled", timeout=30_000)
     screenshot(output_area(panel), "widget-background-cancelled.png")
