@@ -165,3 +165,35 @@ def test_a_step_named_like_a_kept_attempt_never_overwrites_it(tmp_path, notebook
     assert other == tmp_path / "_nbflow" / "runs" / result.run_id / "a.attempt-1.ipynb"
     assert "RuntimeError" in kept.read_text() and "I am the other step" not in kept.read_text()
     assert "I am the other step" in other.read_text()
+
+
+def test_a_step_submitted_just_before_a_cancel_is_cancelled_too(tmp_path, notebook_factory):
+    """The race behind lost interrupts: a cancel that reaches the executor's loop before the step's task starts."""
+    import time
+
+    from nbflow.events import StepResult
+    from nbflow.executors.local import LocalExecutor
+    from nbflow.graph import build_graph
+    from nbflow.plan import make_plan
+    from nbflow.execute import Runner
+    from nbflow.settings import RunSettings
+    from nbflow.state import Ledger
+
+    notebook_factory(tmp_path / "slow.ipynb", 'outputs = {"o": "o.txt"}', "import time\ntime.sleep(120)")
+    graph = build_graph(tmp_path)
+    ledger = Ledger(graph.state_dir)
+    settings = RunSettings(jobs=1, executor="local")
+    executor = LocalExecutor(settings)
+    try:
+        runner = Runner(make_plan(graph, ledger), ledger, executor, settings=settings)
+        runner.results = {"slow": StepResult("slow", StepStatus.PENDING)}
+        task = runner._task("slow", attempt=1)
+        executor.loop.call_soon_threadsafe(time.sleep, 0.5)  # the loop is busy: nothing submitted starts yet
+        future = executor.submit(task, lambda event: None)
+        executor.cancel()  # reaches the loop before the step's task has run at all
+        outcome = future.result(timeout=60)  # without the fix the step sleeps its 120 s
+        assert outcome.status == StepStatus.CANCELLED
+        assert (tmp_path / outcome.notebook).exists()  # its notebook is still saved
+    finally:
+        executor.close()
+        ledger.close()

@@ -29,6 +29,7 @@ class LocalExecutor:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task] = set()
+        self._cancelling = False  # set on the loop's thread by cancel()
         self._thread = threading.Thread(target=self._serve, name="nbflow-executor", daemon=True)
         self._thread.start()
         self.pool: KernelPool = self._call(self._make_pool(KernelPool)).result()
@@ -49,6 +50,8 @@ class LocalExecutor:
             me = asyncio.current_task()
             assert me is not None
             self._tasks.add(me)
+            if self._cancelling:  # submitted just before the cancel reached the loop: cancelled all the same
+                me.cancel()
             try:
                 return await execute_step(task, emit, self.pool)
             finally:
@@ -64,6 +67,9 @@ class LocalExecutor:
 
     def cancel(self) -> None:
         def cancel_all() -> None:
+            # A step submitted before this call but not started on the loop yet is not in _tasks: the flag
+            # makes it cancel itself when it starts (else it would run to its end: a lost interrupt).
+            self._cancelling = True
             for t in list(self._tasks):
                 t.cancel()
 
