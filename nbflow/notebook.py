@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,22 @@ class Step:
 
     def resolve(self, relative: str) -> Path:
         """Absolute, normalised path of a declared path (relative to the notebook's folder)."""
-        return Path(os.path.normpath(self.folder / relative))
+        return Path(os.path.normpath(os.path.join(self.path.parent, relative)))
 
     def input_paths(self) -> list[tuple[str, Path]]:
-        return [(p, self.resolve(p)) for paths in self.inputs.values() for p in paths]
+        return list(self._input_paths)
 
     def output_paths(self) -> list[tuple[str, Path]]:
-        return [(p, self.resolve(p)) for paths in self.outputs.values() for p in paths]
+        return list(self._output_paths)
+
+    # Resolved once per Step: graph building and planning ask for them thousands of times in a large pipeline.
+    @cached_property
+    def _input_paths(self) -> tuple[tuple[str, Path], ...]:
+        return tuple((p, self.resolve(p)) for paths in self.inputs.values() for p in paths)
+
+    @cached_property
+    def _output_paths(self) -> tuple[tuple[str, Path], ...]:
+        return tuple((p, self.resolve(p)) for paths in self.outputs.values() for p in paths)
 
 
 @dataclass(frozen=True)

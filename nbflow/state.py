@@ -54,6 +54,10 @@ CREATE INDEX IF NOT EXISTS files_by_path ON files(path);
 """
 
 
+# file_cache rows read in one query by a ledger (beyond that, one query per file)
+_MAX_PRELOADED_HASHES = 50_000
+
+
 def redact(parameters: dict[str, Any], secrets: tuple[str, ...] | set[str] = ()) -> dict[str, Any]:
     return {k: (REDACTED if k in secrets or is_secret_name(k) else v) for k, v in parameters.items()}
 
@@ -70,6 +74,11 @@ class Ledger:
     def __init__(self, state_dir: Path, *, create: bool = True):
         self.state_dir = Path(state_dir)
         self.root = self.state_dir.parent
+        self._root_prefix = os.path.join(str(self.root), "")
+        # file_cache, read in one query when first needed (None: not yet; False: too large, read per file),
+        # and the rows hashed since, written with the next transaction or at close()
+        self._hashes: dict[str, tuple[int, int, str]] | None | bool = None
+        self._unsaved_hashes: dict[str, tuple[int, int, str]] = {}
         path = StateLayout.from_state_dir(self.state_dir).ledger
         self.path = path
         try:
@@ -137,11 +146,42 @@ class Ledger:
         return _Transaction(self)
 
     def close(self) -> None:
+        if self._unsaved_hashes:
+            try:
+                with self.transaction():
+                    pass  # writes them
+            except (StateError, LedgerDamaged):
+                pass  # a cache: the files are hashed again next time
         self.conn.close()
 
     # -- files -------------------------------------------------------------------
     def rel(self, path: Path) -> str:
+        text = os.fspath(path)
+        if text.startswith(self._root_prefix):  # the usual case, without pathlib's cost
+            return text[len(self._root_prefix):].replace(os.sep, "/")
         return relative_to(Path(path), self.root)
+
+    def _cached_hash(self, key: str) -> tuple[int, int, str] | None:
+        """file_cache's row for `key`: (size, mtime_ns, sha256). A pipeline asks for hundreds: one query reads all."""
+        if key in self._unsaved_hashes:
+            return self._unsaved_hashes[key]
+        if self._hashes is None:
+            rows = self.conn.execute("SELECT path, size, mtime_ns, sha256 FROM file_cache LIMIT ?",
+                                     (_MAX_PRELOADED_HASHES + 1,)).fetchall()
+            self._hashes = {r[0]: (r[1], r[2], r[3]) for r in rows} if len(rows) <= _MAX_PRELOADED_HASHES else False
+        if self._hashes is not False:
+            assert isinstance(self._hashes, dict)
+            return self._hashes.get(key)
+        row = self.conn.execute("SELECT size, mtime_ns, sha256 FROM file_cache WHERE path=?", (key,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def _write_unsaved_hashes(self, c: sqlite3.Connection) -> None:
+        """Inside a transaction: the file hashes computed since the last one (a cache, so no fsync of their own)."""
+        unsaved, self._unsaved_hashes = self._unsaved_hashes, {}
+        c.executemany("INSERT OR REPLACE INTO file_cache VALUES (?,?,?,?)",
+                      [(key, *row) for key, row in unsaved.items()])
+        if isinstance(self._hashes, dict):
+            self._hashes.update(unsaved)
 
     def file_hash(self, path: Path) -> tuple[str, int] | None:
         """(sha256, size) of a file or a folder, or None when it does not exist.
@@ -163,16 +203,13 @@ class Ledger:
                 f"{self.rel(path)} is {_file_kind(st.st_mode)}, not a regular file or folder; nbflow hashes what "
                 "a step reads and writes to know whether it changed: declare a file or a folder instead"))
         key = self.rel(path)
-        row = self.conn.execute("SELECT size, mtime_ns, sha256 FROM file_cache WHERE path=?", (key,)).fetchone()
+        row = self._cached_hash(key)
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2], st.st_size
         digest = sha256_file(path)
-        try:
-            with self.transaction() as c:
-                c.execute("INSERT OR REPLACE INTO file_cache VALUES (?,?,?,?)",
-                          (key, st.st_size, st.st_mtime_ns, digest))
-        except StateError:
-            pass  # a cache miss is not worth failing for (read-only ledger while checking status)
+        # written with the next transaction (a step's success records the file anyway) or at close(); a
+        # read-only ledger (status) just hashes again next time
+        self._unsaved_hashes[key] = (st.st_size, st.st_mtime_ns, digest)
         return digest, st.st_size
 
     def tree(self, folder: Path) -> dict[str, tuple[str, int]]:
@@ -335,11 +372,20 @@ class _Transaction:
         self.ledger = ledger
 
     def __enter__(self) -> sqlite3.Connection:
+        conn = self.ledger.conn
         try:
-            self.ledger.conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             raise self._cannot_write(e) from None
-        return self.ledger.conn
+        if self.ledger._unsaved_hashes:
+            try:
+                self.ledger._write_unsaved_hashes(conn)
+            except BaseException as e:
+                _rollback(conn)
+                if isinstance(e, sqlite3.Error):
+                    raise self._cannot_write(e) from None
+                raise
+        return conn
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         conn = self.ledger.conn
@@ -776,18 +822,41 @@ def reap_orphans(root: Path, run_ids: list[str]) -> list[int]:
 # -- the ledger as a listener -------------------------------------------------------
 
 class LedgerRecorder:
-    """Writes the Runner's events into the ledger, one transaction per event."""
+    """Writes the Runner's events into the ledger, one transaction per event.
+
+    Except skipped and not-run steps, which come in bursts (a fresh pipeline of 300 steps is 300 of them):
+    they are written together, in one transaction, before the next other event. Each transaction costs an
+    fsync; these rows decide no step's freshness, so a crash that loses them loses only their history lines.
+    """
 
     def __init__(self, ledger: Ledger, secrets: tuple[str, ...] = ()):
         self.ledger = ledger
         self.secrets = set(secrets)
         self.run_id: str | None = None
         self.open_rows: dict[str, int] = {}
+        self._unwritten: list[tuple[StepSkipped | StepNotRun, float]] = []
 
     def __call__(self, event: Event) -> None:
+        if isinstance(event, (StepSkipped, StepNotRun)):
+            self._unwritten.append((event, time.time()))
+            return
+        if self._unwritten:
+            self._write_unwritten()
         handler = getattr(self, "_on_" + type(event).__name__, None)
         if handler is not None:
             handler(event)
+
+    def _write_unwritten(self) -> None:
+        unwritten, self._unwritten = self._unwritten, []
+        with self.ledger.transaction() as c:
+            for event, at in unwritten:
+                if isinstance(event, StepSkipped):
+                    self._insert(c, event.step, 0, "skipped", started_at=at, finished_at=at,
+                                 reasons=json.dumps(list(event.reasons)))
+                else:
+                    reason = ("--fail-fast: another step failed" if event.because == "--fail-fast"
+                              else f"upstream {event.because} did not succeed")
+                    self._insert(c, event.step, 0, "not_run", reasons=json.dumps([reason]))
 
     def _on_RunStarted(self, e: RunStarted) -> None:
         self.run_id = e.run_id
@@ -804,17 +873,6 @@ class LedgerRecorder:
         cur = c.execute(f"INSERT INTO step_runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                         tuple(cols.values()))
         return int(cur.lastrowid or 0)
-
-    def _on_StepSkipped(self, e: StepSkipped) -> None:
-        with self.ledger.transaction() as c:
-            self._insert(c, e.step, 0, "skipped", started_at=time.time(), finished_at=time.time(),
-                         reasons=json.dumps(list(e.reasons)))
-
-    def _on_StepNotRun(self, e: StepNotRun) -> None:
-        with self.ledger.transaction() as c:
-            reason = ("--fail-fast: another step failed" if e.because == "--fail-fast"
-                      else f"upstream {e.because} did not succeed")
-            self._insert(c, e.step, 0, "not_run", reasons=json.dumps([reason]))
 
     def _on_StepStarted(self, e: StepStarted) -> None:
         with self.ledger.transaction() as c:

@@ -27,6 +27,7 @@ from ..layout import StateLayout
 from .view import STATE_STYLES, RunView, StepView, format_duration
 
 _BAR_WIDTH = 16
+_EAGER_ROWS = 30  # a table up to this long is redrawn on every event
 _BAR_STYLES = {StepStatus.FAILED: "red", StepStatus.CANCELLED: "dark_orange"}
 
 
@@ -43,6 +44,7 @@ class TerminalProgress:
         # lines are printed above the live table instead of tearing it.
         self._reroute_stderr = console is None and _is_terminal(1) and _is_terminal(2)
         self._stderr: _StderrAboveLive | None = None
+        self._drawn_at = 0.0
 
     @property
     def rows(self) -> dict[str, StepView]:
@@ -60,7 +62,12 @@ class TerminalProgress:
             self._stop()
             self.console.print(self._summary(), soft_wrap=True)  # paths stay whole, easy to copy
         elif self._live is not None:
-            self._live.refresh()
+            # Drawn at once for a small run; a large one (300 steps: a table of 300 rows per event) is redrawn
+            # at most refresh_per_second times, by this call or by the Live's own refresh thread.
+            now = time.monotonic()
+            if len(self.rows) <= _EAGER_ROWS or now - self._drawn_at >= 1 / self.refresh_per_second:
+                self._drawn_at = now
+                self._live.refresh()
 
     # -- the live display --------------------------------------------------------------------
     def _start(self) -> None:
@@ -94,11 +101,35 @@ class TerminalProgress:
             table.add_column("elapsed", justify="right", no_wrap=True)
             table.add_column("tries", justify="right", no_wrap=True)
             table.add_column("", overflow="ellipsis", no_wrap=True, ratio=1, style="grey50")
-            for row in self.rows.values():
+            shown, hidden = self._visible_rows()
+            for row in shown:
                 table.add_row(*self._cells(row, now))
+            if hidden:
+                table.add_row("", Text(f"… {hidden}", style="grey50"), "", "", "", "", "")
             failures = [self._failure(r) for r in self.rows.values() if r.error is not None
                         and (r.status == StepStatus.FAILED or r.retrying)]
             return Group(table, *failures) if failures else table
+
+    def _visible_rows(self) -> tuple[list[StepView], str]:
+        """While live, as many rows as the terminal shows: the steps running or failed first, then those next
+        in the plan; the rest are counted ('… 250 more: 240 skipped, 10 pending'). The final table has them all."""
+        rows = list(self.rows.values())
+        room = self.console.size.height - 6
+        if self._live is None or self.view.result is not None or len(rows) <= max(room, _EAGER_ROWS):
+            return rows, ""
+        room = max(room, 5)
+        wanted = {r.name for r in rows if r.status in (StepStatus.RUNNING, StepStatus.FAILED) or r.retrying}
+        for r in rows:
+            if len(wanted) >= room:
+                break
+            if r.status == StepStatus.PENDING:
+                wanted.add(r.name)
+        shown = [r for r in rows if r.name in wanted][:room]
+        left: dict[str, int] = {}
+        for r in rows:
+            if r.name not in wanted:
+                left[r.style.word] = left.get(r.style.word, 0) + 1
+        return shown, f"{len(rows) - len(shown)} more: " + ", ".join(f"{n} {word}" for word, n in left.items())
 
     def _title(self) -> str:
         return f"nbflow run {self.view.run_id}  ({self.view.done}/{len(self.rows)} steps done)"
