@@ -47,10 +47,14 @@ class StepState:
 
 
 class Pipeline:
-    """A pipeline folder, read statically: `.steps`, `.graph`, `.status()`, `.plot()`."""
+    """A pipeline folder, read statically: `.steps`, `.graph`, `.status()`, `.left_behind()`, `.plot()`.
 
-    def __init__(self, path: str | os.PathLike = "."):
-        self._graph: Graph = build_graph(path)
+    `grid` (`{"train": {"alpha": [0.1, 1.0]}}`) replaces nbflow.yaml's grids of the steps it names.
+    """
+
+    def __init__(self, path: str | os.PathLike = ".", grid: Mapping[str, Mapping[str, Any]] | None = None):
+        self._grid = grid
+        self._graph: Graph = build_graph(path, grid=grid)
         self._read_again = False  # the first status() uses the graph just read
         self.root: Path = self._graph.root
         self.last_result: RunResult | None = None
@@ -64,13 +68,19 @@ class Pipeline:
         """Each step and the steps it depends on."""
         return {name: list(self._graph.upstream[name]) for name in self._graph.order}
 
-    def status(self, parameters: Mapping[str, Any] | None = None) -> list[StepState]:
-        """Per step: fresh or stale, and why; notebooks that are not steps are listed too."""
+    def status(self, parameters: Mapping[str, Any] | None = None,
+               grid: Mapping[str, Mapping[str, Any]] | None = None) -> list[StepState]:
+        """Per step (each instance of a grid): fresh or stale, and why; notebooks that are not steps too.
+
+        `grid` replaces the Pipeline's grids from now on.
+        """
         from .plan import kernel_of, lost_steps, missing_kernels  # noqa: PLC0415
         from .state import Ledger, assess  # noqa: PLC0415
 
+        if grid is not None:
+            self._grid, self._read_again = grid, True
         if self._read_again:  # the notebooks as they are now, not as first read
-            self._graph = build_graph(self.root)
+            self._graph = build_graph(self.root, grid=self._grid)
         self._read_again = True
         g = self._graph
         _require_steps(g)
@@ -116,6 +126,14 @@ class Pipeline:
         return {"commit": now["commit"], "dirty": now["dirty"], "last_run_commit": then["commit"],
                 "last_run_id": last["run_id"], "differs": now["commit"] != then["commit"]}
 
+    def left_behind(self) -> list[dict[str, str]]:
+        """Outputs of grid instances that are no longer in the grid: `{"step", "path", "why"}` each, the path
+        relative to the pipeline folder (a folder ends in `/`). `clean(..., left_behind=True)` removes them."""
+        from .graph import relative_to  # noqa: PLC0415
+
+        return [{"step": item.step, "path": relative_to(item.path, self.root) + ("/" if item.path.is_dir() else ""),
+                 "why": item.why} for item in self._graph.left_behind()]
+
     def plot(self, path: str | os.PathLike | None = None, result: RunResult | None = None) -> str:
         """Write the DAG to `path` (.svg, .png, .html, .mmd); returns the SVG (or mermaid) text."""
         from .ui import plot  # noqa: PLC0415
@@ -123,6 +141,7 @@ class Pipeline:
         return plot.write(self._graph, path, result or self.last_result)
 
     def run(self, *steps: str, **kwargs: Any) -> "RunResult | RunHandle":
+        kwargs.setdefault("grid", self._grid)
         result = run(self.root, steps, **kwargs)
         if isinstance(result, RunResult):
             self.last_result = result
@@ -197,8 +216,13 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         only: bool = False, jobs: int | None = None,
         executor: str | None = None, dask_address: str | None = None, fail_fast: bool = False,
         background: bool = False, listeners: Iterable[Listener] = (), display: bool | None = None,
-        run_id: str | None = None, call: str | None = None) -> "RunResult | RunHandle":
+        run_id: str | None = None, call: str | None = None,
+        grid: Mapping[str, Mapping[str, Any]] | None = None) -> "RunResult | RunHandle":
     """Run the pipeline (or `steps` and what they need); returns the RunResult.
+
+    `grid` (`{"train": {"alpha": [0.1, 1.0]}}`) replaces nbflow.yaml's grids of
+    the steps it names: each combination of values runs as an instance,
+    `train[alpha=0.1]`; a step's name in `steps` selects all its instances.
 
     Invalid pipelines raise PipelineError before any kernel starts. In
     Jupyter a live widget shows the run (display=False turns it off); while
@@ -214,7 +238,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
 
     steps = [steps] if isinstance(steps, str) else list(steps)
     choice = {"force": force, "force_upstream": force_upstream, "only": only}
-    graph = _valid_graph(pipeline, steps, parameters, choice)
+    graph = _valid_graph(pipeline, steps, parameters, choice, grid)
     run_id = run_id or new_run_id()
     lock, ledger = _take_pipeline(graph, run_id)
     try:
@@ -229,7 +253,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
             from .executors import make_executor  # noqa: PLC0415
 
             exe = make_executor(settings)
-        record = audit.collect(graph.root, call or _api_call(pipeline, steps, parameters, choice),
+        record = audit.collect(graph.root, call or _api_call(pipeline, steps, parameters, choice, grid),
                                packages=None if plan.to_run or graph.config.fingerprint_packages else {})
         runner = Runner(plan, ledger, exe or _NoExecutor(), listeners=all_listeners,
                         recorder=LedgerRecorder(ledger, graph.config.secrets), settings=settings, run_id=run_id,
@@ -263,7 +287,8 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     return execute()
 
 
-def _api_call(pipeline: Any, steps: list[str], parameters: Mapping[str, Any] | None, choice: dict[str, bool]) -> str:
+def _api_call(pipeline: Any, steps: list[str], parameters: Mapping[str, Any] | None, choice: dict[str, bool],
+              grid: Mapping[str, Any] | None = None) -> str:
     """The API call that started a run, as the ledger records it (secrets redacted)."""
     from .state import redact  # noqa: PLC0415
 
@@ -271,17 +296,19 @@ def _api_call(pipeline: Any, steps: list[str], parameters: Mapping[str, Any] | N
     if parameters:
         args.append(f"parameters={redact(dict(parameters))!r}")
     args += [f"{k}=True" for k, v in choice.items() if v]
+    if grid:
+        args.append(f"grid={dict(grid)!r}")
     return f"nbflow.run({', '.join(args)})"
 
 
 def _valid_graph(pipeline: str | os.PathLike, steps: list[str], parameters: Mapping[str, Any] | None,
-                 choice: dict[str, bool]) -> Graph:
+                 choice: dict[str, bool], grid: Mapping[str, Mapping[str, Any]] | None = None) -> Graph:
     """The graph, or a PipelineError with every problem, planning's too, without creating or locking _nbflow/."""
     from .plan import make_plan  # noqa: PLC0415
     from .state import Ledger  # noqa: PLC0415
 
     problems: list[Problem] = []
-    graph = build_graph(pipeline, collect=problems)
+    graph = build_graph(pipeline, collect=problems, grid=grid)
     if not problems:
         _require_steps(graph)
         return graph
@@ -528,16 +555,24 @@ def read_ledger(pipeline: str | os.PathLike = ".") -> Iterator["Ledger"]:
         ledger.close()
 
 
-def clean(pipeline: str | os.PathLike = ".", keep: int = 10) -> dict[str, list[str]]:
+def clean(pipeline: str | os.PathLike = ".", keep: int = 10, *, left_behind: bool = False,
+          grid: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Remove the executed notebooks of all but the `keep` newest runs, earlier attempts included.
 
     The ledger keeps the runs' records. Returns the run ids whose notebooks
     were removed and those kept: `{"removed": [...], "kept": [...]}`.
+
+    With `left_behind`, removes instead (and only) the outputs that
+    `Pipeline(pipeline, grid).left_behind()` lists: those of grid instances
+    no longer in the grid. Returns them: `{"left_behind": [{"step", "path", "why"}]}`.
     """
     import shutil  # noqa: PLC0415
 
     from .errors import StateError  # noqa: PLC0415
     from .state import RunLock  # noqa: PLC0415
+
+    if left_behind:
+        return _clean_left_behind(Pipeline(pipeline, grid))
 
     if keep < 1:
         raise PipelineError(Problem(f"keep must be at least 1, not {keep}: the newest run's notebooks are the "
@@ -564,6 +599,32 @@ def clean(pipeline: str | os.PathLike = ".", keep: int = 10) -> dict[str, list[s
     finally:
         lock.release()
     return {"removed": removed, "kept": kept}
+
+
+def _clean_left_behind(pipeline: Pipeline) -> dict[str, Any]:
+    import shutil  # noqa: PLC0415
+
+    from .errors import StateError  # noqa: PLC0415
+    from .state import RunLock  # noqa: PLC0415
+
+    lock = RunLock(pipeline._graph.state_dir)
+    lock.acquire("clean")
+    try:
+        found = pipeline.left_behind()  # under the lock: no run writes an instance meanwhile
+        for item in found:
+            path = pipeline.root / item["path"]
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise StateError(f"cannot remove {path}: {e.strerror}") from None
+    finally:
+        lock.release()
+    return {"left_behind": found}
 
 
 def repair(pipeline: str | os.PathLike = ".") -> dict[str, Any]:

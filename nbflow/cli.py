@@ -113,8 +113,12 @@ def _progress_listener():
               help="Judge freshness as if run with these parameters.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def status(pipeline: Path, parameters: tuple[str, ...], as_json: bool) -> None:
-    """Steps, their edges, and whether each is fresh or stale (and why)."""
+    """Steps, their edges, and whether each is fresh or stale (and why).
+
+    Also the outputs of grid instances that are no longer in the grid (left behind, never deleted silently).
+    """
     from .api import Pipeline  # noqa: PLC0415
+    from .grid import folded  # noqa: PLC0415
     from .params import parse_assignments  # noqa: PLC0415
 
     try:
@@ -124,19 +128,24 @@ def status(pipeline: Path, parameters: tuple[str, ...], as_json: bool) -> None:
     view = Pipeline(pipeline)
     states = view.status(overrides)
     code = view.code_change()
+    left = view.left_behind()
     if as_json:
-        click.echo(json.dumps({"steps": [s.to_json() for s in states], "code": code}))
+        click.echo(json.dumps({"steps": [s.to_json() for s in states], "code": code, "left_behind": left}))
         return
     if code and code["differs"]:
         click.echo(f"code differs from the last run's commit ({code['last_run_commit'][:10]} in run "
                    f"{code['last_run_id']}; now {code['commit'][:10]}{', with changes' if code['dirty'] else ''})")
     width = max((len(s.name) for s in states), default=4)
     for s in states:
-        after = f"  (after {', '.join(s.upstream)})" if s.upstream else ""
+        after = f"  (after {', '.join(folded(s.upstream))})" if s.upstream else ""
         reasons = "; ".join(s.reasons)
         if s.state == "fresh":
             reasons = ""
         click.echo(f"{s.name:<{width}}  {s.state:<10} {reasons}{after}".rstrip())
+    if left:
+        click.echo(f"left behind ({len(left)}; kept until `nbflow clean {pipeline} --left-behind` removes them):")
+        for item in left:
+            click.echo(f"  {item['path']}  ({item['why']})")
 
 
 @main.command()
@@ -248,18 +257,31 @@ def _print_made(info: dict[str, Any], indent: str) -> None:
 
 @main.command()
 @PIPELINE
-@click.option("--keep", type=click.IntRange(min=1), default=10, show_default=True,
-              help="How many recent runs to keep.")
+@click.option("--keep", type=click.IntRange(min=1), help="How many recent runs to keep [default: 10].")
+@click.option("--left-behind", is_flag=True,
+              help="Instead, remove the outputs that `nbflow status` lists as left behind: those of grid instances "
+                   "no longer in the grid (and a gridded notebook's own output path, written by a run by hand). "
+                   "Nothing else, unless --keep is given too.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def clean(pipeline: Path, keep: int, as_json: bool) -> None:
-    """Remove the executed notebooks of old runs (the ledger keeps their records)."""
+def clean(pipeline: Path, keep: int | None, left_behind: bool, as_json: bool) -> None:
+    """Remove the executed notebooks of old runs (the ledger keeps their records), or with --left-behind the
+    outputs that grid instances no longer in the grid left behind."""
     from .api import clean as clean_runs  # noqa: PLC0415
 
-    done = clean_runs(pipeline, keep)
+    done: dict[str, Any] = {}
+    if left_behind:
+        done.update(clean_runs(pipeline, left_behind=True))
+    if keep is not None or not left_behind:
+        done.update(clean_runs(pipeline, keep or 10))
     if as_json:
         click.echo(json.dumps(done))
         return
-    click.echo(f"removed the notebooks of {len(done['removed'])} run(s), kept {len(done['kept'])}")
+    if left_behind:
+        click.echo(f"removed {len(done['left_behind'])} left-behind output(s)" + (":" if done["left_behind"] else ""))
+        for item in done["left_behind"]:
+            click.echo(f"  {item['path']}  ({item['why']})")
+    if "removed" in done:
+        click.echo(f"removed the notebooks of {len(done['removed'])} run(s), kept {len(done['kept'])}")
 
 
 @main.command()

@@ -69,6 +69,7 @@ class StepSettings:
     parameters: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # the step's own; Config.for_step adds the pipeline's
     explicit: frozenset[str] = frozenset()  # keys written in the file, to overlay on defaults
+    grid: dict[str, Any] | None = None  # key -> list of values, as read (graph.py checks it); None: no grid
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Config:
     defaults: StepSettings = StepSettings()
     steps: dict[str, StepSettings] = field(default_factory=dict)
     step_lines: dict[str, int] = field(default_factory=dict)
+    grid_lines: dict[str, dict[str, int]] = field(default_factory=dict)  # step -> grid key ("": `grid:`) -> line
     secrets: tuple[str, ...] = ()
     on_failure: str | None = None
     on_success: str | None = None
@@ -91,8 +93,11 @@ class Config:
     fingerprint_packages: bool = False  # `fingerprint: {packages: true}`: package versions count too
 
     def for_step(self, name: str) -> StepSettings:
-        """Defaults overlaid with the step's own settings; the pipeline's `env` under the step's."""
-        own = self.steps.get(name) or StepSettings()
+        """Defaults overlaid with the step's own settings; the pipeline's `env` under the step's.
+
+        An instance of a grid (`train[alpha=0.1]`) has the settings of its step (`train`).
+        """
+        own = self.steps.get(name) or self.steps.get(name.partition("[")[0]) or StepSettings()
         merged = {key: getattr(own if key in own.explicit else self.defaults, key) for key in _STEP_KEYS}
         return StepSettings(**merged, parameters=dict(own.parameters), env={**self.env, **own.env},
                             explicit=own.explicit)
@@ -184,10 +189,11 @@ class _Reader:
     def settings(self, raw: dict, prefix: tuple[str, ...], step: bool) -> StepSettings:
         schema = dict(_STEP_KEYS)
         if step:
-            schema.update(parameters=(dict,), env=(dict,))
+            schema.update(parameters=(dict,), env=(dict,), grid=(dict,))
         good = self.check(raw, schema, prefix)
         env = {k: str(v) for k, v in good.pop("env", {}).items()}
-        return StepSettings(**good, env=env, explicit=frozenset(good))
+        grid = {str(k): v for k, v in good.pop("grid").items()} if "grid" in good else None
+        return StepSettings(**good, env=env, grid=grid, explicit=frozenset(good))
 
     def config(self, path: Path, data: dict) -> Config:
         top = self.check(data, _TOP_KEYS, ())
@@ -205,12 +211,17 @@ class _Reader:
         defaults = self.settings(top.get("defaults", {}), ("defaults",), False)
         steps: dict[str, StepSettings] = {}
         step_lines: dict[str, int] = {}
+        grid_lines: dict[str, dict[str, int]] = {}
         for name, raw in top.get("steps", {}).items():
             if not isinstance(raw if raw is not None else {}, dict):
                 self.problem(f"'steps.{name}' must be a mapping of settings", "steps", str(name))
                 continue
             steps[str(name)] = self.settings(raw or {}, ("steps", str(name)), True)
             step_lines[str(name)] = self.line_of("steps", str(name)) or 0
+            if steps[str(name)].grid is not None:
+                grid_line = self.line_of("steps", str(name), "grid") or step_lines[str(name)]
+                grid_lines[str(name)] = {"": grid_line, **{key: self.line_of("steps", str(name), "grid", key)
+                                                           or grid_line for key in steps[str(name)].grid or {}}}
         pythonpath = top.get("pythonpath")
         return Config(
             path=path,
@@ -219,6 +230,7 @@ class _Reader:
             defaults=defaults,
             steps=steps,
             step_lines=step_lines,
+            grid_lines=grid_lines,
             secrets=tuple(top.get("secrets", ())),
             on_failure=top.get("on_failure"),
             on_success=top.get("on_success"),

@@ -10,18 +10,21 @@ is a listener.
 
 from __future__ import annotations
 
+import contextlib
 import graphlib
 import heapq
 import logging
 import os
 import queue
 import secrets
+import signal
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import StateError
+from .grid import folded, partition
 from .events import (Event, Listener, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled, StepFailed,
                      StepNotRun, StepResult, StepSkipped, StepStatus, StepSucceeded)
 from .executors import Executor, StepOutcome, StepTask
@@ -38,6 +41,17 @@ log = logging.getLogger("nbflow")
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def _make_partition_folders(task: StepTask) -> None:
+    """An instance's partition folders exist before it runs: nbflow chose them, the notebook did not."""
+    for label, path in task.outputs:
+        if "://" in path or label.startswith("value "):
+            continue
+        try:  # the folder the output goes in (a folder output itself is the notebook's to make)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError:
+            pass  # the notebook's own attempt will name the problem
 
 
 class Runner:
@@ -94,12 +108,18 @@ class Runner:
         try:
             self._loop(planned)
         except KeyboardInterrupt:
-            self.cancel()
-            self._drain_after_error()
+            with self._interrupts_deferred():
+                self.cancel()
+                self._drain_after_error()
         except Exception as e:  # noqa: BLE001 - the ledger cannot be written, or anything else: end the run, then raise
             error = e
-            self.cancel()
-            self._drain_after_error()
+            with self._interrupts_deferred():
+                self.cancel()
+                self._drain_after_error()
+        with self._interrupts_deferred():  # the run's end is recorded whatever Ctrl-C comes now
+            return self._finish_run(started, error)
+
+    def _finish_run(self, started: float, error: Exception | None) -> RunResult:
         status = RunStatus.SUCCEEDED
         if error is not None and not isinstance(error, StateError):
             status = RunStatus.FAILED  # not left `running` in the ledger; the error is raised below
@@ -116,6 +136,24 @@ class Runner:
         if error is not None:
             raise error
         return result
+
+    @contextlib.contextmanager
+    def _interrupts_deferred(self) -> Iterator[None]:
+        """While the run winds down, Ctrl-C (SIGINT in the main thread) cancels instead of raising.
+
+        A KeyboardInterrupt that lands while the notebooks are saved and the
+        ledger is written would leave the run half recorded; the first Ctrl-C
+        already cancelled it, and the wind-down is bounded by the steps' own
+        cancellation.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, lambda *_: self.cancel())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _loop(self, planned: dict[str, Any]) -> None:
         self._planned = planned
@@ -173,7 +211,7 @@ class Runner:
             if name not in self.plan.forced and fresh.fresh:
                 reran = tuple(u for u in self.graph.upstream[name]
                               if u in self.results and self.results[u].status == StepStatus.SUCCEEDED)
-                reasons = (f"upstream {', '.join(reran)} reran, inputs unchanged",) if reran else ("fresh",)
+                reasons = (f"upstream {', '.join(folded(reran))} reran, inputs unchanged",) if reran else ("fresh",)
                 self.emit(StepSkipped(name, reasons))
                 self._settle(name, replace(self.results[name], status=StepStatus.SKIPPED, reasons=reasons))
                 continue
@@ -241,6 +279,8 @@ class Runner:
 
     def _submit(self, task: StepTask) -> None:
         self._running[task.step] = task
+        if self.graph.steps[task.step].grid:
+            _make_partition_folders(task)
         self.results[task.step] = replace(self.results[task.step], status=StepStatus.RUNNING, attempts=task.attempt)
 
         def emit(event: Event) -> None:
@@ -279,6 +319,8 @@ class Runner:
         env = {**self.plan.env.get(name, {}), "NBFLOW_VALUES_DIR": str(layout.values_dir),
                "NBFLOW_PYTHONPATH": os.pathsep.join(str(p) for p in graph.python_path()),
                "NBFLOW_RUN_ID": self.run_id, "NBFLOW_STEP": name, "NBFLOW_PIPELINE": str(graph.root)}
+        if step.grid:  # nbflow.glue in an instance publishes under its partition folders
+            env["NBFLOW_GRID_PARTITION"] = partition(step.grid)
         return StepTask(
             step=name, run_id=self.run_id, attempt=attempt, source=str(step.path), rel_source=step.rel_path,
             cwd=str(step.folder), root=str(graph.root), executed=str(layout.executed(self.run_id, name)),
@@ -298,8 +340,6 @@ class Runner:
             try:
                 kind, payload = self._inbox.get(timeout=1)
             except queue.Empty:
-                continue
-            except KeyboardInterrupt:
                 continue
             if kind == "event":
                 self._emit_after_error(payload)

@@ -72,8 +72,13 @@ class StateLayout:
     def values_dir(self) -> Path:
         return self.state_dir / "values"
 
-    def value(self, name: str) -> Path:
-        return self.values_dir / name
+    def value(self, name: str, partition: str = "") -> Path:
+        """A published value's file; an instance of a grid publishes its own under its partition folders."""
+        return value_file(self.values_dir, name, partition)
+
+    def grid_value(self, name: str) -> Path:
+        """The folder of a value that a gridded step publishes: one file per instance, in partition folders."""
+        return self.values_dir / f"{name}.grid"
 
     @property
     def cron_log(self) -> Path:
@@ -82,3 +87,10 @@ class StateLayout:
     def rel(self, path: str | Path) -> str:
         """A path below the pipeline folder, relative to it (posix)."""
         return Path(path).relative_to(self.root).as_posix()
+
+
+def value_file(values_dir: Path, name: str, partition: str = "") -> Path:
+    """`values/<name>`, or `values/<name>.grid/<key=value/...>/<name>` for an instance (partition) of a grid."""
+    if partition:
+        return values_dir / f"{name}.grid" / partition / name
+    return values_dir / name

@@ -56,6 +56,10 @@ class Step:
     cell_hashes: tuple[tuple[int, str], ...] = ()  # (1-based cell number, sha256) of every code cell
     declaration_lines: dict[str, int] = field(default_factory=dict)
     imports: tuple[str, ...] = ()  # module names its code cells import (see imports.py)
+    output_lists: frozenset[str] = frozenset()  # output names declared as a list of paths (not one string)
+    # an instance of a parameter grid (grid.py): the step it was expanded from and its (key, value) pairs
+    instance_of: str | None = None
+    grid: tuple[tuple[str, Any], ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -150,6 +154,7 @@ def read_step(path: Path, root: Path) -> Step | NotAStep:
         cell_hashes=hashes,
         declaration_lines=decl.lines,
         imports=imports,
+        output_lists=frozenset(decl.lists),
     )
 
 
@@ -265,6 +270,7 @@ class _Declarations:
     names: dict[str, tuple[str, ...]]
     parameters: dict[str, Parameter]
     lines: dict[str, int]
+    lists: set[str] = field(default_factory=set)  # output names declared as a list
 
 
 def _read_parameters_cell(source: str, rel: str, cell_number: int) -> _Declarations:
@@ -316,6 +322,8 @@ def _read_parameters_cell(source: str, rel: str, cell_number: int) -> _Declarati
                 paths = _path_mapping(target, literal, here)
                 if paths is not None:
                     decl.paths[target] = paths
+                    if target == "outputs":
+                        decl.lists = {k for k, v in literal.items() if isinstance(v, (list, tuple))}
             else:
                 names = _name_list(target, literal, here)
                 if names is not None:

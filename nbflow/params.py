@@ -58,11 +58,18 @@ class EnvRef:
 
 @dataclass(frozen=True)
 class ValueRef:
-    """A value published by an upstream step, loaded from its file (path relative to the notebook)."""
+    """A value published by an upstream step, loaded from its file (path relative to the notebook).
+
+    A value of a gridded step: `path` is its folder and `grid` the values of each current instance
+    (`{"alpha": 0.1, "seed": 1}`), loaded as one DataFrame (see `values.load_value`).
+    """
 
     path: str
+    grid: tuple[dict[str, Any], ...] = ()
 
     def __repr__(self) -> str:
+        if self.grid:
+            return f'__import__("nbflow").load_value({self.path!r}, grid={list(self.grid)!r})'
         return f'__import__("nbflow").load_value({self.path!r})'
 
 
@@ -120,10 +127,15 @@ def plain_value(value: Any) -> Any:
 
 
 def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, CliValue]:
-    """['a=1', 'clean.b=x'] -> {'a': '1', 'clean.b': 'x'}. Raises ValueError naming the bad item."""
+    """['a=1', 'clean.b=x'] -> {'a': '1', 'clean.b': 'x'}. Raises ValueError naming the bad item.
+
+    The name may be that of a grid's instance: `train[alpha=0.1].folds=3` sets `folds`.
+    """
     result: dict[str, CliValue] = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        start = item.find("]") + 1 if "[" in item.partition("=")[0] else 0  # past an instance name's own `=`
+        name, sep, value = item[start:].partition("=")
+        name = item[:start] + name
         if not sep or not name.strip():
             raise ValueError(f"-p {item!r}: expected NAME=VALUE or STEP.NAME=VALUE")
         result[name.strip()] = CliValue(value)

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 from .errors import PipelineError, Problem, did_you_mean
 from .events import PlannedStep
 from .graph import Graph, lost_step_problem, resolve_parameters, secret_environment, select_steps
+from .grid import folded
 from .state import Ledger, assess, recorded_steps
 
 
@@ -107,18 +108,22 @@ def check_runnable(plan: Plan) -> None:
 
 def missing_inputs(graph: Graph, names: Iterable[str]) -> list[Problem]:
     """Source inputs of these steps that do not exist, with a did-you-mean among the paths steps write."""
-    problems = []
+    problems: list[Problem] = []
+    gridded = {path for grid in graph.grids.values() for _, path in grid.step.output_paths()}
     for name in names:
         step = graph.steps[name]
-        written = [os.path.relpath(ref.path, step.folder) for s in graph.steps for ref in graph.outputs_of(s)
-                   if not ref.label.startswith("value ")]
         for ref in graph.source_inputs(name):
-            if not os.path.exists(ref.path):
-                problems.append(Problem(
-                    f"step {name!r} reads {ref.label}, which does not exist and no step writes it"
+            if not os.path.exists(ref.path) and ref.path not in gridded:  # graph.py names the folder to read
+                written = [os.path.relpath(out.path, step.folder) for s in graph.steps for out in graph.outputs_of(s)
+                           if not out.label.startswith("value ")]
+                reader = step.instance_of or name  # every instance reads the same: one problem
+                problem = Problem(
+                    f"step {reader!r} reads {ref.label}, which does not exist and no step writes it"
                     f"{did_you_mean(ref.label, written)}; create the file or fix the path in `inputs` (paths are "
                     "relative to the notebook's folder)",
-                    file=step.rel_path, line=step.declaration_lines.get("inputs"), step=name))
+                    file=step.rel_path, line=step.declaration_lines.get("inputs"), step=reader)
+                if problem not in problems:
+                    problems.append(problem)
     return problems
 
 
@@ -155,7 +160,7 @@ def missing_kernels(graph: Graph, names: Iterable[str]) -> list[Problem]:
         users = [n for n in names if kernel_of(graph, n) == kernel]
         other = "python3" if "python3" in installed else (installed[0] if installed else "python3")
         problems.append(Problem(
-            f"kernel {kernel!r} is not installed (needed by {', '.join(users)}); installed kernels: "
+            f"kernel {kernel!r} is not installed (needed by {', '.join(folded(users))}); installed kernels: "
             f"{', '.join(installed) or 'none'}; run the steps on an installed kernel with the line "
             f"`defaults: {{kernel: {other}}}` in nbflow.yaml, or install {kernel!r} (e.g. `python -m ipykernel "
             f"install --user --name {kernel}`)", file=graph.steps[users[0]].rel_path, step=users[0]))

@@ -26,9 +26,10 @@ from .errors import LedgerDamaged, PipelineError, PipelineLocked, Problem, State
 from .events import (Event, FileRecord, RunFinished, RunStarted, RunStatus, StepCancelled, StepFailed,
                      StepNotRun, StepSkipped, StepStarted, StepSucceeded)
 from .graph import FileRef, Graph, relative_to
+from .grid import folded
 from .imports import project_modules
 from .layout import StateLayout
-from .params import EnvRef, is_secret_name
+from .params import EnvRef, ValueRef, is_secret_name
 from .version import __version__
 
 SCHEMA_VERSION = 2  # 2: runs.audit
@@ -532,6 +533,8 @@ def fingerprint_parts(graph: Graph, name: str, parameters: dict[str, Any], ledge
         value = parameters.get(pname, _DEFAULT)
         if isinstance(value, EnvRef):
             effective[pname] = secret_digest(ledger.state_dir, value.text)
+        elif isinstance(value, ValueRef) and value.grid:  # which instances: the value's inputs say so
+            effective[pname] = repr(replace(value, grid=()))
         else:
             effective[pname] = param.source if value is _DEFAULT else repr(value)
     inputs: dict[str, str | None] = {}
@@ -665,7 +668,7 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
         failed_run = ledger.failed_since(name, last["finished_at"])
         if failed_run:
             reasons.append(f"last run {failed_run[1]} ({failed_run[0]})")
-    for up in rerunning_upstream:
+    for up in folded(rerunning_upstream):
         reasons.append(f"upstream {up} reruns")
     return Freshness(name, not reasons, tuple(reasons), parts)
 
