@@ -14,8 +14,9 @@ same picture. PNG is drawn from the same scene with matplotlib (the `png` extra)
 
 The instances of a parameter grid (`train[alpha=0.1,seed=1]`, ...) are drawn as
 one node with their count and how far they got, so a grid of 48 stays one box.
-In the widget the picture fits the width it is given (down to half its size,
-then it scrolls); its legend takes Jupyter's text colour, for the dark theme.
+In the widget the picture shrinks to the width it is given, so a failed or a
+running step is never off-screen; its legend takes Jupyter's text colour, for
+the dark theme.
 """
 
 from __future__ import annotations
@@ -716,19 +717,22 @@ def svg(graph: Graph, result: Any = None, links: Mapping[str, str] | None = None
 def html(graph: Graph, result: Any = None, links: Mapping[str, str] | None = None, *, fit: bool = False) -> str:
     """A self-contained HTML fragment (inline SVG, no script, nothing fetched) for Jupyter and the widget.
 
-    `fit`: the picture shrinks to the width it is given, to half its size at most; beyond that it scrolls.
+    `fit`: the picture shrinks to the width it is given (never grows), so every step stays in view.
     """
     sc = scene(graph, result, links)
     text = _render_svg(sc)
     if fit:
-        style = f'style="width:100%;max-width:{_n(sc.width)}px;min-width:{_n(sc.width / 2)}px;height:auto" '
-        text = text.replace("<svg ", "<svg " + style, 1)
+        text = text.replace("<svg ", f'<svg style="width:100%;max-width:{_n(sc.width)}px;height:auto" ', 1)
     return f'<div class="nbflow-graph" style="overflow-x:auto;max-width:100%">{text}</div>'
 
 
 
 def mermaid(graph: Graph, result: Any = None) -> str:
-    """The graph as mermaid `flowchart LR` text, with status classes when `result` is given."""
+    """The graph as mermaid `flowchart LR` text, with status classes when `result` is given.
+
+    Each grid's instances are one node, `train[…]`, labelled with their count (and progress, with `result`).
+    """
+    graph, result, _ = _fold_grids(graph, result, {})
     ids: dict[str, str] = {}
     used: set[str] = set()
     for name in graph.order:
@@ -743,6 +747,11 @@ def mermaid(graph: Graph, result: Any = None) -> str:
     lines = ["flowchart LR"]
     for name in graph.order:
         label = name.replace('"', "#quot;")
+        group = result.steps.get(name) if result is not None else None
+        if isinstance(group, _GroupStep):
+            label += f"<br/>{group.label}"
+        elif isinstance(graph.steps.get(name), _GroupRef):
+            label += f"<br/>{graph.steps[name].rel_path}"
         lines.append(f'    {ids[name]}["{label}"]')
     for target in graph.order:
         for source in graph.upstream[target]:

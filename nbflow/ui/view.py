@@ -23,8 +23,6 @@ from ..events import (MASK, CellFinished, CellStarted, Event, PlannedStep, RunFi
                       StepCancelled, StepError, StepFailed, StepNotRun, StepSkipped, StepStarted, StepStatus,
                       StepSucceeded)
 
-from ..params import is_secret_name
-
 if TYPE_CHECKING:
     from ..graph import Graph
 
@@ -194,6 +192,7 @@ class RunView:
         step = self.graph.steps.get(row.name) if self.graph is not None else None
         if step is None:
             return
+        from ..params import is_secret_name  # noqa: PLC0415 - only the widget gives a graph
         root = Path(self.graph.root)
         row.outputs = tuple(Path(os.path.relpath(ref.path, root)).as_posix() for ref in self.graph.outputs_of(row.name)
                             if not ref.label.startswith("value "))

@@ -96,18 +96,6 @@ function render({ model, el }) {
     }
   }
 
-  function scrollGraphToNews() {
-    const view = graph.querySelector(".nbflow-graph");
-    if (!view || view.scrollWidth <= view.clientWidth) return;
-    const node = view.querySelector('[data-status="failed"], [data-status="running"]');
-    if (!node) return;
-    const box = node.getBoundingClientRect();
-    const frame = view.getBoundingClientRect();
-    if (box.left < frame.left || box.right > frame.right) {
-      view.scrollLeft += box.left - frame.left - (frame.width - box.width) / 2;
-    }
-  }
-
   function showButton() {
     const controls = model.get("controls") || {};
     const slot = root.querySelector(".nbflow-actions");
@@ -180,7 +168,6 @@ function render({ model, el }) {
   function updateGraph() {
     graph.innerHTML = model.get("graph");
     linkFiles(graph);
-    scrollGraphToNews();
   }
 
   const controls = model.get("controls") || {};

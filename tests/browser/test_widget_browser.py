@@ -146,6 +146,17 @@ def _grid(folder: Path) -> None:
                   parameters=f'inputs = {{}}\noutputs = {{"score": "scores/alpha={alpha}/seed={seed}.txt"}}')
 
 
+def _chain(folder: Path, n: int = 15) -> None:
+    """A chain of n steps, each reading the one before; the last fails."""
+    for i in range(1, n + 1):
+        reads = f'{{"x": "data/step_{i - 1:02d}.txt"}}' if i > 1 else "{}"
+        fail = "raise RuntimeError('the last step fails')\n" if i == n else ""
+        _notebook(folder / f"step_{i:02d}_of_the_chain.ipynb",
+                  "import os\nos.makedirs('data', exist_ok=True)",
+                  fail + f"open(outputs['y'], 'w').write('{i}')",
+                  parameters=f'inputs = {reads}\noutputs = {{"y": "data/step_{i:02d}.txt"}}')
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,9 +188,11 @@ def lab(tmp_path_factory):
         shutil.copytree(FIXTURES / fixture, work / name)
     (work / "raises" / "total.ipynb").rename(work / "raises" / f"{LONG_NAME}.ipynb")
     _grid(work / "grid")
+    _chain(work / "chain")
     _notebook(work / "run_slow.ipynb", 'import nbflow\nresult = nbflow.run("slow")')
     _notebook(work / "run_raises.ipynb", 'import nbflow\nresult = nbflow.run("raises")')
     _notebook(work / "run_grid.ipynb", 'import nbflow\nresult = nbflow.run("grid")')
+    _notebook(work / "run_chain.ipynb", 'import nbflow\nresult = nbflow.run("chain")')
     _notebook(work / "run_interrupt.ipynb",
               'import nbflow\nresult = nbflow.run("interrupt", parameters={"delay": 3})\nprint(result.status)',
               NEXT_CELL)
@@ -624,3 +637,22 @@ def test_a_grid_of_48_instances_is_one_row_and_one_node(lab: Lab, open_notebook)
     expect(rows.first).to_have_attribute("data-step", "train[alpha=5,seed=3]")  # failures first
     expect(rows.first.locator(".nbflow-error")).to_contain_text("alpha=5, seed=3 diverges")
     screenshot(output_area(panel), "widget-grid-open.png")
+
+
+def test_a_long_chain_fits_the_width_with_its_failed_step_in_view(lab: Lab, open_notebook):
+    panel = open_notebook("run_chain.ipynb")
+    menu(panel.page, "Run", "Run All Cells")
+    wait_until_cell_done(panel)
+    view = widget(panel)
+    expect(view.locator(".nbflow-totals")).to_contain_text("14 succeeded")
+    svg = view.locator(".nbflow-graph svg")
+    natural = float(svg.get_attribute("width") or 0)
+    area = output_area(panel).bounding_box()
+    drawn = svg.bounding_box()
+    assert area is not None and drawn is not None
+    assert natural > area["width"], (natural, area)  # wider than the output: it had to shrink
+    assert drawn["x"] + drawn["width"] <= area["x"] + area["width"] + 0.5
+    failed = view.locator('.nbflow-graph g.nbflow-step[data-status="failed"]')
+    box = failed.bounding_box()
+    assert box is not None and box["x"] + box["width"] <= area["x"] + area["width"] + 0.5, (box, area)
+    screenshot(output_area(panel), "widget-chain-15.png")
