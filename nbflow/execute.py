@@ -10,16 +10,18 @@ is a listener.
 
 from __future__ import annotations
 
+import contextlib
 import graphlib
 import heapq
 import logging
 import os
 import queue
 import secrets
+import signal
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import StateError
 from .grid import folded, partition
@@ -106,12 +108,18 @@ class Runner:
         try:
             self._loop(planned)
         except KeyboardInterrupt:
-            self.cancel()
-            self._drain_after_error()
+            with self._interrupts_deferred():
+                self.cancel()
+                self._drain_after_error()
         except Exception as e:  # noqa: BLE001 - the ledger cannot be written, or anything else: end the run, then raise
             error = e
-            self.cancel()
-            self._drain_after_error()
+            with self._interrupts_deferred():
+                self.cancel()
+                self._drain_after_error()
+        with self._interrupts_deferred():  # the run's end is recorded whatever Ctrl-C comes now
+            return self._finish_run(started, error)
+
+    def _finish_run(self, started: float, error: Exception | None) -> RunResult:
         status = RunStatus.SUCCEEDED
         if error is not None and not isinstance(error, StateError):
             status = RunStatus.FAILED  # not left `running` in the ledger; the error is raised below
@@ -128,6 +136,24 @@ class Runner:
         if error is not None:
             raise error
         return result
+
+    @contextlib.contextmanager
+    def _interrupts_deferred(self) -> Iterator[None]:
+        """While the run winds down, Ctrl-C (SIGINT in the main thread) cancels instead of raising.
+
+        A KeyboardInterrupt that lands while the notebooks are saved and the
+        ledger is written would leave the run half recorded; the first Ctrl-C
+        already cancelled it, and the wind-down is bounded by the steps' own
+        cancellation.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, lambda *_: self.cancel())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _loop(self, planned: dict[str, Any]) -> None:
         self._planned = planned
@@ -314,8 +340,6 @@ class Runner:
             try:
                 kind, payload = self._inbox.get(timeout=1)
             except queue.Empty:
-                continue
-            except KeyboardInterrupt:
                 continue
             if kind == "event":
                 self._emit_after_error(payload)

@@ -197,3 +197,36 @@ def test_a_step_submitted_just_before_a_cancel_is_cancelled_too(tmp_path, notebo
     finally:
         executor.close()
         ledger.close()
+
+
+def test_more_ctrl_c_while_the_run_winds_down_still_records_it_cancelled(fixture_pipeline):
+    """A second and third SIGINT while notebooks are saved and the ledger written must not leave it half recorded."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from nbflow.events import RunFinished, StepCancelled
+    from nbflow.state import Ledger
+
+    root = fixture_pipeline("slow")
+
+    def interrupt_once_running():
+        while not (root / "started.marker").exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def interrupt_again(event):  # listeners run on the Runner's (here the main) thread, during the wind-down
+        if isinstance(event, (StepCancelled, RunFinished)):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    result = nbflow.run(root, jobs=1, display=False, listeners=[interrupt_again])
+    assert result.status.value == "cancelled"
+    ledger = Ledger(root / "_nbflow", create=False)
+    try:
+        assert [r["status"] for r in ledger.runs()] == ["cancelled"]
+        assert {r["status"] for r in ledger.step_runs(result.run_id)} == {"cancelled"}
+    finally:
+        ledger.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
