@@ -194,4 +194,6 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, ValueRef) and value.grid:  # the values of a gridded step: not one line per instance
+        return f"__import__(\"nbflow\").load_value({value.path!r}, grid=<{len(value.grid)} instances>)"
     return repr(value)

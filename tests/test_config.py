@@ -32,6 +32,8 @@ def test_step_settings_overlay_defaults(tmp_path):
     ("executor: spark\n", "'executor' must be 'local' or 'dask'"),
     ("schedule: 'every day'\n", "'schedule' is not a valid cron expression"),
     ("exclud: ['x']\n", "did you mean 'exclude'?"),
+    ("steps:\n  a:\n    grid: [1, 2]\n", "nbflow.yaml:3: 'steps.a.grid' must be a mapping, not [1, 2]"),
+    ("steps:\n  a:\n    gird: {x: [1]}\n", "nbflow.yaml:3: unknown key 'steps.a.gird' (did you mean 'grid'?)"),
 ])
 def test_errors_name_line_and_key(tmp_path, text, expected):
     (tmp_path / "nbflow.yaml").write_text(text)
@@ -73,3 +75,12 @@ def test_bounds_allow_zero_delay_and_no_limit(tmp_path):
     config = load_config(tmp_path)
     assert (config.defaults.retry_delay, config.defaults.timeout, config.defaults.cell_timeout) == (0, None, 0.5)
     assert config.for_step("a").timeout == 600
+
+
+def test_a_grid_is_read_with_the_line_of_each_key_and_instances_share_their_steps_settings(tmp_path):
+    (tmp_path / "nbflow.yaml").write_text("steps:\n  train:\n    retries: 2\n    grid:\n      alpha: [0.1, 1.0]\n"
+                                          "      seed: [1, 2]\n")
+    config = load_config(tmp_path)
+    assert config.steps["train"].grid == {"alpha": [0.1, 1.0], "seed": [1, 2]}
+    assert config.grid_lines == {"train": {"": 4, "alpha": 5, "seed": 6}}
+    assert config.for_step("train[alpha=0.1,seed=2]").retries == 2

@@ -110,6 +110,23 @@ def test_folder_outputs_and_inputs_are_hashed_as_a_whole(tmp_path, notebook_fact
     assert states(tmp_path)["split"] == ("stale", ("output parts/ changed since it was made",))
 
 
+def test_a_folder_input_depends_on_every_step_writing_inside_it_and_names_a_file_added_by_hand(tmp_path,
+                                                                                              notebook_factory):
+    for name in ("north", "south"):
+        notebook_factory(tmp_path / f"{name}.ipynb", f'outputs = {{"report": "reports/{name}.csv"}}',
+                         "import os\nos.makedirs('reports', exist_ok=True)\n"
+                         f"open(outputs['report'], 'w').write('{name}')")
+    notebook_factory(tmp_path / "merge.ipynb", 'inputs = {"reports": "reports/"}\noutputs = {"all": "all.txt"}',
+                     "import os\nnames = sorted(os.listdir(inputs['reports']))\n"
+                     "open(outputs['all'], 'w').write(','.join(names))")
+    assert nbflow.Pipeline(tmp_path).graph["merge"] == ["north", "south"]  # no step writes reports/ itself
+    assert run(tmp_path).ok and (tmp_path / "all.txt").read_text() == "north.csv,south.csv"
+    (tmp_path / "reports" / "east.csv").write_text("east")
+    assert states(tmp_path)["merge"] == ("stale", ("input reports/ changed: east.csv added",))
+    assert states(tmp_path)["north"] == ("fresh", ())
+    assert run(tmp_path).ok and (tmp_path / "all.txt").read_text() == "east.csv,north.csv,south.csv"
+
+
 def test_a_fifo_is_a_clear_error_not_a_hang(tmp_path, notebook_factory):
     os.mkfifo(tmp_path / "pipe")
     notebook_factory(tmp_path / "reads.ipynb", 'inputs = {"p": "pipe"}\noutputs = {"o": "o.txt"}', "pass")

@@ -104,6 +104,13 @@ def test_mermaid_ids_are_safe_for_awkward_step_names(tmp_path, notebook_factory)
     assert all(re.fullmatch(r"[A-Za-z_]\w*", i) and i.lower() != "end" for i in ids), ids
 
 
+def test_mermaid_draws_a_grid_as_one_node_with_its_count(fixture_pipeline):
+    graph = build_graph(fixture_pipeline("grid"))
+    text = plot.mermaid(graph)
+    assert 'train___["train[…]<br/>6 grid instances"]' in text
+    assert "prep --> train___" in text and "train___ --> summary" in text and text.count("-->") == 2
+
+
 def test_mmd_and_html_files(fixture_pipeline, tmp_path):
     graph = build_graph(fixture_pipeline("diamond"))
     assert plot.write(graph, tmp_path / "g.mmd") == (tmp_path / "g.mmd").read_text()

@@ -277,6 +277,41 @@ def test_grid_instances_are_grouped_by_name_failures_first(tmp_path, monkeypatch
     finish(w, RunStatus.FAILED, t0)
 
 
+def test_a_real_grid_of_48_instances_is_one_group_and_one_node(fixture_pipeline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(widget_module, "MIN_PUSH_S", 0.0)
+    root = fixture_pipeline("grid")
+    graph = build_graph(root, grid={"train": {"scale": [0.5, 1.0, 2.0, 4.0], "power": list(range(1, 13))}})
+    ledger = Ledger(graph.state_dir)
+    try:
+        w = RunWidget(graph, make_plan(graph, ledger))
+    finally:
+        ledger.close()
+    names = list(graph.grids["train"].instances)
+    assert w.view.groups() == {"train": names} and len(names) == 48
+    row = w.rows["train[scale=2.0,power=12]"]
+    assert row.parameters == {"scale": 2.0, "power": 12}  # its grid values; `outputs` is not a parameter
+    assert row.outputs == ("metrics/scale=2.0/power=12/scores.parquet",)
+    t0 = time.time()
+    started(w, t0)
+    succeed(w, "prep", cells=1, t0=t0)
+    for name in names[:47]:
+        succeed(w, name, cells=1, t0=t0)
+    w(StepStarted(names[47], 1, notebook(names[47]), 1, t0))
+    w(StepFailed(names[47], 1, 0.1, notebook(names[47]), ERROR))
+    w(StepNotRun("summary", names[47]))
+    page = body(w)
+    group = page[page.index('data-group="train"'):]
+    assert ">48/48<" in group and "1</span> failed" in group and "47</span> succeeded" in group
+    assert group.index(f'data-step="{names[47]}"') < group.index(f'data-step="{names[0]}"')  # failures first
+    assert page.count('class="nbflow-group"') == 1 and page.count('class="nbflow-step"') == 48 + 3
+    assert f"grid/_nbflow/runs/{RUN}/train%5Bscale%3D0.5%2Cpower%3D1%5D.ipynb" in group  # links quoted
+    drawn = w.model.graph
+    assert drawn.count('class="nbflow-step"') == 4  # prep, train[…], summary, other
+    assert "train[…]" in drawn and "48/48 · 1 failed" in drawn
+    finish(w, RunStatus.FAILED, t0)
+
+
 def test_plot_folds_a_grid_into_one_node(tmp_path, notebook_factory):
     root = tmp_path / "p"
     notebook_factory(root / "prep.ipynb", 'inputs = {}\noutputs = {"d": "d.csv"}', "pass")
