@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import PipelineError, Problem
 from .imports import imported_names
@@ -294,13 +294,7 @@ def _read_parameters_cell(source: str, rel: str, cell_number: int) -> _Declarati
     except ValueError as e:  # a NUL byte in the source
         problem(f"cannot be parsed: {e}; remove the character", None)
         raise PipelineError(problems) from None
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            target, value = node.targets[0].id, node.value
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
-            target, value = node.target.id, node.value
-        else:
-            continue
+    for node, target, value in assignments(tree):
         segment = ast.get_source_segment(source, value) or ""
         try:
             literal = ast.literal_eval(value)
@@ -346,6 +340,15 @@ def _read_parameters_cell(source: str, rel: str, cell_number: int) -> _Declarati
     if problems:
         raise PipelineError(problems)
     return decl
+
+
+def assignments(tree: ast.Module) -> Iterator[tuple[ast.stmt, str, ast.expr]]:
+    """The top-level `name = value` (and `name: type = value`) statements of a cell: (node, name, value)."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            yield node, node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            yield node, node.target.id, node.value
 
 
 def _path_mapping(target: str, value: Any, problem) -> dict[str, tuple[str, ...]] | None:

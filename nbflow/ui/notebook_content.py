@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..executed import ERROR_MARKER_TAG
-from ..notebook import DECLARATIONS, INJECTED_TAG, cell_source
+from ..notebook import DECLARATIONS, INJECTED_TAG, assignments, cell_source
 from .sanitize import clean_html
 
 __all__ = ["OUTPUT_MODES", "Output", "ShownCell", "FailedCell", "NotebookContent", "read", "is_metric", "strip_ansi"]
@@ -143,13 +143,7 @@ def _parameters(cells: list[tuple[int, dict]]) -> tuple[tuple[str, str], ...]:
     except (SyntaxError, ValueError):
         return ()
     found = []
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name, value = node.targets[0].id, node.value
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
-            name, value = node.target.id, node.value
-        else:
-            continue
+    for _, name, value in assignments(tree):
         if name in DECLARATIONS:
             continue
         written = " ".join((ast.get_source_segment(source, value) or "").split())
