@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pandas
 
     from .execute import Runner
-    from .schedule import Schedule
+    from .scheduling import Schedule
     from .state import Ledger, RunLock
 
 
@@ -519,7 +519,7 @@ def schedule(pipeline: str | os.PathLike = ".", cron: str | None = None, *, inst
     The crontab line, or with `systemd` a timer and service unit pair; `install`
     adds the line to the user's crontab (or writes and enables the units).
     """
-    from . import schedule as scheduling  # noqa: PLC0415
+    from . import scheduling  # noqa: PLC0415
 
     graph = build_graph(pipeline)
     source = "--cron"

@@ -410,7 +410,7 @@ def schedule(pipeline: Path, expression: str | None, install: bool, systemd: boo
     `skipped` (see `nbflow history --all`).
     """
     from .api import schedule as make_schedule  # noqa: PLC0415
-    from .schedule import EXAMPLES, BadCronExpression  # noqa: PLC0415
+    from .scheduling import EXAMPLES, BadCronExpression  # noqa: PLC0415
 
     try:
         planned = make_schedule(pipeline, expression, install=install, systemd=systemd)

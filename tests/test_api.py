@@ -91,3 +91,16 @@ def test_the_public_names_exist_and_states_are_strings():
 
     assert set(events.__all__) >= {"StepFailed", "StepStarted", "RunResult", "Listener"}
     assert not any(name.startswith("_") for name in events.__all__)
+
+
+def test_api_functions_named_like_modules_work_from_the_package_face(fixture_pipeline):
+    """nbflow.schedule is the function; the module behind it must not shadow it (or be shadowed)."""
+    import subprocess
+    import sys
+
+    root = fixture_pipeline("diamond")
+    code = ("import nbflow, sys; planned = nbflow.schedule(sys.argv[1], '0 6 * * *'); print(planned.expression); "
+            "print(nbflow.show.__module__, nbflow.lineage.__module__, nbflow.clean.__module__)")
+    done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["0 6 * * *", "nbflow.api nbflow.api nbflow.api"]

@@ -129,7 +129,7 @@ def test_cron_expressions_become_systemd_calendars_that_systemd_accepts(fixture_
     import shutil
     import subprocess
 
-    from nbflow.schedule import on_calendar
+    from nbflow.scheduling import on_calendar
 
     cases = {"0 6 * * *": "*-*-* 06:00:00", "30 */2 * * 1-5": "Mon..Fri *-*-* 00/2:30:00",
              "15 8 1 * *": "*-*-01 08:15:00", "0 0 * * 0,6": "Sun,Sat *-*-* 00:00:00", "@daily": "*-*-* 00:00:00"}
