@@ -258,15 +258,17 @@ class Runner:
             return False
         settings = self.graph.config.for_step(name)
         assert outcome.error is not None
-        if outcome.error.ename == "ModuleNotFoundError":
+        error = outcome.error
+        if error.ename == "ModuleNotFoundError":
             step = self.graph.steps[name]
-            hint = missing_module_hint(outcome.error.evalue, step.folder, self.graph.root)
+            hint = missing_module_hint(error.evalue, step.folder, self.graph.root)
             if hint:
-                outcome = replace(outcome, error=replace(outcome.error, evalue=outcome.error.evalue + hint))
+                error = replace(error, evalue=error.evalue + hint)
+                outcome = replace(outcome, error=error)
         will_retry = (outcome.attempt <= settings.retries and not self.cancelled
-                      and outcome.error.kind not in ("kernel_start",))
+                      and error.kind not in ("kernel_start",))
         delay = settings.retry_delay * (2 ** (outcome.attempt - 1)) if will_retry else 0.0
-        self.emit(StepFailed(name, outcome.attempt, outcome.duration_s, outcome.notebook, outcome.error,
+        self.emit(StepFailed(name, outcome.attempt, outcome.duration_s, outcome.notebook, error,
                              will_retry, delay, jsonable(self.plan.parameters[name]), outcome.started_at))
         if will_retry:
             heapq.heappush(self._retry_at, (time.time() + delay, name, self._task(name, outcome.attempt + 1)))

@@ -49,7 +49,7 @@ def make_plan(graph: Graph, ledger: Ledger, names: Iterable[str] = (), overrides
         selected = select_steps(graph, names, only=only)
     except PipelineError as e:
         problems += e.problems
-    forced = frozenset()
+    forced: frozenset[str] = frozenset()
     if force:
         forced = frozenset(selected if force_upstream or not names else select_steps(graph, names, only=True))
     try:
