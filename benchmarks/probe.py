@@ -40,6 +40,27 @@ def papermill_loop(folder: str, out: str) -> dict:
     return {"import_s": t1 - t0, "loop_s": time.perf_counter() - t1}
 
 
+def papermill_engines(path: str, out: str, calls: int) -> dict:
+    """`calls` papermill.execute_notebook calls with the default engine and as many with engine_name="nbflow".
+
+    One process, the calls interleaved (default, nbflow, default, ...) so that a burst of load from
+    elsewhere hits both; each call's wall time. nbflow's first call includes its fork server's boot.
+    """
+    t0 = time.perf_counter()
+    import papermill as pm
+
+    import_s = time.perf_counter() - t0
+    Path(out).mkdir(parents=True, exist_ok=True)
+    times: dict[str, list[float]] = {"default": [], "nbflow": []}
+    for i in range(calls):
+        for engine in ("default", "nbflow"):
+            t0 = time.perf_counter()
+            pm.execute_notebook(path, str(Path(out) / f"{engine}-{i}.ipynb"), parameters={"alpha": 0.5 + i},
+                                engine_name=None if engine == "default" else engine, progress_bar=False)
+            times[engine].append(time.perf_counter() - t0)
+    return {"import_s": import_s, **times}
+
+
 def nbclient_plain(path: str, out: str) -> dict:
     """Read, `NotebookClient(nb).execute()`, write: the plain nbclient way to run one notebook."""
     t0 = time.perf_counter()
@@ -117,6 +138,8 @@ def main(argv: list[str]) -> None:
         result = versions()
     elif command == "papermill-loop":
         result = papermill_loop(*args)
+    elif command == "papermill-engines":
+        result = papermill_engines(args[0], args[1], int(args[2]))
     elif command == "nbclient":
         result = nbclient_plain(*args)
     elif command == "kernel-boot-cpu":

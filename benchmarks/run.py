@@ -59,6 +59,7 @@ class Sizes:
     papermill_cli: bool = True
     loop_runs: int = 5  # papermill loop (in-process), interleaved with the first nbflow runs
     warmups: bool = True  # one untimed run of each tool before the timed ones
+    engine_calls: int = 10  # papermill.execute_notebook calls per engine (default, nbflow), in one process
 
 
 def sizes_for(mode: str) -> Sizes:
@@ -67,7 +68,8 @@ def sizes_for(mode: str) -> Sizes:
                      papermill_cli=False, loop_runs=2, warmups=False)
     if mode == "smoke":
         return Sizes(chain=2, independent=2, cells=5, dag=6, runs=1, slow_runs=1, chain_samples=2, boots=1,
-                     parquet_samples=1, dag_run=True, ploomber=False, papermill_cli=False, loop_runs=1, warmups=False)
+                     parquet_samples=1, dag_run=True, ploomber=False, papermill_cli=False, loop_runs=1, warmups=False,
+                     engine_calls=2)
     return Sizes()
 
 
@@ -255,6 +257,19 @@ class Bench:
         m, p = statistics.median(mine), statistics.median(plain)
         self.add(Row(f"one notebook of {s.cells} cells", f"{m:.2f} s", f"plain nbclient {p:.2f} s", m / p, "<= 1.3",
                      m / p <= 1.3, f"whole processes; nbclient execute() alone {statistics.median(plain_exec):.2f} s"))
+
+    def papermill_engine(self) -> None:
+        """nbflow as a papermill engine: a loop of execute_notebook calls, default engine vs engine_name="nbflow"."""
+        s = self.sizes
+        nb = workloads.papermill_notebook(self.work / "engine")
+        found = self.probe("papermill-engines", str(nb), str(self.work / "engine-out"), str(s.engine_calls))
+        self.raw["papermill_engine"] = found
+        mine, theirs = sum(found["nbflow"]), sum(found["default"])
+        self.add(Row(f"{s.engine_calls} papermill.execute_notebook calls, engine nbflow", f"{mine:.2f} s",
+                     f"default engine {theirs:.2f} s", mine / theirs, "<= 0.30", mine / theirs <= 0.30,
+                     f"one process, calls interleaved; per call: nbflow first {found['nbflow'][0]:.2f} s (fork "
+                     f"server boot), then median {statistics.median(found['nbflow'][1:] or found['nbflow']):.2f} s; "
+                     f"default median {statistics.median(found['default']):.2f} s"))
 
     def dataframe(self) -> None:
         """The hand-over's CPU cost inside the two kernels, beyond what parquet write + read cost alone."""
@@ -496,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode",
                       help="tiny workloads, one run each: checks that the benchmark works, times nothing useful")
     parser.add_argument("--no-ploomber", action="store_true", help="do not install or run Ploomber")
-    parser.add_argument("--only", help="comma-separated subset: chain,fresh,independent,cells,dataframe,status,"
-                                       "startup,imports")
+    parser.add_argument("--only", help="comma-separated subset: chain,fresh,independent,cells,engine,dataframe,"
+                                       "status,startup,imports")
     parser.add_argument("--work", type=Path, help="where workloads are generated [benchmarks/.cache/work-<env>]")
     parser.add_argument("--json", type=Path, help="write the rows, raw timings and machine facts here")
     parser.add_argument("--markdown", type=Path, help="write the table as markdown here")
@@ -517,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_nbflow(bench)
     print(f"nbflow benchmark ({args.mode or 'full'}) with {python}: Python {facts['python']}, {facts['nproc']} CPUs "
           f"({facts['cpu']}), load average {facts['loadavg_start'][0]:.1f}; log {log}", flush=True)
-    selected = set((args.only or "chain,fresh,independent,cells,dataframe,status,startup,imports").split(","))
+    selected = set((args.only or "chain,fresh,independent,cells,engine,dataframe,status,startup,imports").split(","))
     ploomber, problem = (None, "disabled (--no-ploomber)")
     if "chain" in selected and sizes.ploomber:
         ploomber, problem = ensure_ploomber(log)
@@ -534,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.independent()
     if "cells" in selected:
         bench.many_cells()
+    if "engine" in selected:
+        bench.papermill_engine()
     if "dataframe" in selected:
         bench.dataframe()
     if "status" in selected:

@@ -136,3 +136,15 @@ def ploomber_chain(folder: Path, n: int) -> None:
         tasks.append(f"  - source: {name}.ipynb\n    product:\n      nb: output/{name}.ipynb\n"
                      f"      data: output/{name}.txt\n")
     (folder / "pipeline.yaml").write_text("tasks:\n" + "".join(tasks))
+
+
+def papermill_notebook(folder: Path) -> Path:
+    """One ordinary papermill notebook: a parameters cell (`alpha`), a few small cells that compute and print."""
+    _fresh(folder)
+    return _write(folder / "report.ipynb", [
+        ("alpha = 0.1\nn = 1000", "parameters"),
+        ("import math\nimport statistics", ""),
+        ("values = [math.sin(alpha * i) for i in range(n)]", ""),
+        ("mean = statistics.fmean(values)\nprint(f'mean {mean:.4f}')", ""),
+        ("{'alpha': alpha, 'n': n, 'mean': mean}", ""),
+    ])

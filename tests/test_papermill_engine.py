@@ -289,3 +289,17 @@ def test_the_papermill_command_line_runs_with_engine_nbflow(tmp_path: Path) -> N
     while _processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _processes_with(marker)
+
+
+@pytest.mark.slow
+def test_the_benchmark_times_both_engines_in_one_process(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(FIXTURES.parent.parent / "benchmarks" / "run.py"), "--smoke", "--only",
+                           "engine", "--work", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    [row] = results["rows"]
+    assert row["workload"] == "2 papermill.execute_notebook calls, engine nbflow"
+    raw = results["raw"]["papermill_engine"]
+    assert len(raw["default"]) == len(raw["nbflow"]) == 2
