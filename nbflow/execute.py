@@ -157,6 +157,7 @@ class Runner:
 
     def _loop(self, planned: dict[str, Any]) -> None:
         self._planned = planned
+        position = {name: i for i, name in enumerate(self.graph.order)}.__getitem__  # a grid in its own order
         self._sorter = graphlib.TopologicalSorter(
             {n: [u for u in self.graph.upstream[n] if u in planned] for n in planned})
         self._sorter.prepare()
@@ -166,7 +167,7 @@ class Runner:
         ready: list[str] = []
         while self._sorter.is_active() or self._running or self._retry_at:
             ready = self._decide_without_running(ready)  # waiting for a free slot: a cancel or --fail-fast stops them
-            ready += self._still_stale(self._decide_without_running(sorted(self._sorter.get_ready())))
+            ready += self._still_stale(self._decide_without_running(sorted(self._sorter.get_ready(), key=position)))
             if self.cancelled and (ready or self._retry_at):
                 for name in ready + [n for _, n, _ in self._retry_at]:
                     self.emit(StepCancelled(name, 0, 0.0, None))

@@ -107,7 +107,7 @@ class Graph:
         """Outputs of instances that left a grid (and plain paths of gridded notebooks run by hand)."""
         if not self.grids:
             return []
-        current = {ref.path for name in self.steps for ref in self.outputs_of(name)}
+        current = {path for step in self.steps.values() for _, path in step.output_paths()}
         return [item for grid in self.grids.values() for item in _left_behind(grid, current)]
 
     def python_path(self) -> tuple[Path, ...]:
@@ -425,10 +425,12 @@ def _producers(root: Path, steps: dict[str, Step], problems: list[Problem]
     producers: dict[Path, str] = {}
     value_producers: dict[str, str] = {}
     state_dir = Path(os.path.realpath(root / STATE_DIR))
+    real_paths: dict[Path, Path] = {}
+    inside_state_dir = os.path.join(state_dir, "")
     for name, step in steps.items():
         for label, path in step.output_paths():
-            real = Path(os.path.realpath(path))  # a symlink must not lead an output into the ledger's folder
-            if real == state_dir or state_dir in real.parents:
+            real = _realpath(path, real_paths)  # a symlink must not lead an output into the ledger's folder
+            if real == state_dir or str(real).startswith(inside_state_dir):
                 via = f" (through a symlink, it is {real})" if real != path else ""
                 problems.append(Problem(f"output {label!r} is inside {STATE_DIR}/{via}, which nbflow owns; write it "
                                         "elsewhere", file=step.rel_path, step=name))
@@ -444,6 +446,18 @@ def _producers(root: Path, steps: dict[str, Step], problems: list[Problem]
                 problems.append(Problem(f"steps {other!r} and {owner!r} both publish value {value!r}",
                                         file=step.rel_path, step=owner))
     return producers, value_producers
+
+
+def _realpath(path: Path, known: dict[Path, Path]) -> Path:
+    """os.path.realpath, remembering every folder on the way: a grid's outputs share all but their last folders."""
+    found = known.get(path)
+    if found is None:
+        parent = path.parent
+        found = path if parent == path else _realpath(parent, known) / path.name
+        if os.path.islink(found):
+            found = Path(os.path.realpath(found))
+        known[path] = found
+    return found
 
 
 def _edges(root: Path, steps: dict[str, Step], producers: dict[Path, str], value_producers: dict[str, str],
@@ -464,7 +478,8 @@ def _edges(root: Path, steps: dict[str, Step], producers: dict[Path, str], value
         for label, path in step.input_paths():
             writers = {producers[p] for p in (path, *path.parents) if p in producers}
             if is_folder_path(label):
-                writers |= {w for p, w in producers.items() if path in p.parents}
+                inside = os.path.join(str(path), "")
+                writers |= {w for p, w in producers.items() if str(p).startswith(inside)}
             if name in writers:
                 problems.append(Problem(f"reads {relative_to(path, root)}, which it also writes", file=step.rel_path))
                 writers.discard(name)

@@ -97,6 +97,8 @@ def parse_selection(name: str) -> tuple[str, dict[str, str]] | None:
 def folded(names: Iterable[str]) -> list[str]:
     """Step names for a sentence: three or more instances of one grid become `train (6 instances)`."""
     names = list(names)
+    if len(names) < 3:
+        return names
     bases: dict[str, list[str]] = {}
     for name in names:
         parsed = parse_selection(name)
@@ -161,15 +163,18 @@ class LeftBehind:
 def left_behind(grid: Grid, current: Iterable[Path]) -> list[LeftBehind]:
     """Partition folders (`key=value`) under the grid's output folders that lead to no current output path
     (of any step), and the notebook's own plain output paths (a run by hand) when they exist."""
-    current = set(current)
-    keep: set[Path] = set()
-    for path in current:
-        keep.update(path.parents)
+    outputs = {str(path) for path in current}
+    keep: set[str] = set()  # every folder on the way to a current output (strings: thousands of them)
+    for path in outputs:
+        folder = os.path.dirname(path)
+        while folder not in keep and folder != os.path.dirname(folder):
+            keep.add(folder)
+            folder = os.path.dirname(folder)
     found: list[LeftBehind] = []
-    seen: set[Path] = set()
+    seen: set[str] = set()
     for declared, plain in grid.step.output_paths():
-        root = grid.step.resolve(plain_root(declared))
-        if not declared.endswith(("/", os.sep)) and plain not in current and os.path.lexists(plain):
+        root = str(grid.step.resolve(plain_root(declared)))
+        if not declared.endswith(("/", os.sep)) and str(plain) not in outputs and os.path.lexists(plain):
             found.append(LeftBehind(grid.step.name, plain, f"{grid.step.rel_path}'s own output path, written by a "
                                                            "run by hand? its instances write partition folders"))
         if root in seen:
@@ -177,19 +182,16 @@ def left_behind(grid: Grid, current: Iterable[Path]) -> list[LeftBehind]:
         seen.add(root)
         todo = [root]
         while todo:
-            folder = todo.pop()
             try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                entries = list(os.scandir(todo.pop()))
             except OSError:
                 continue
             for entry in entries:
-                if "=" not in entry.name or not entry.is_dir(follow_symlinks=False):
+                if "=" not in entry.name or entry.path in outputs or not entry.is_dir(follow_symlinks=False):
                     continue
-                path = Path(entry.path)
-                if path in current:
-                    continue
-                if path in keep:
-                    todo.append(path)
+                if entry.path in keep:
+                    todo.append(entry.path)
                 else:
-                    found.append(LeftBehind(grid.step.name, path, f"no longer in the grid of {grid.step.name}"))
+                    found.append(LeftBehind(grid.step.name, Path(entry.path),
+                                            f"no longer in the grid of {grid.step.name}"))
     return sorted(found, key=lambda item: item.path)
