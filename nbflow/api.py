@@ -248,6 +248,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         display = _in_jupyter() if display is None else display
         widget = _widget(graph, plan) if display else None
         all_listeners = ([widget] if widget else []) + list(listeners) + _alert_hooks(graph)
+        all_listeners += _lineage_listener(graph)
         exe = None
         if plan.to_run:
             from .executors import make_executor  # noqa: PLC0415
@@ -367,6 +368,14 @@ def _alert_hooks(graph: Graph) -> list[Listener]:
     from .ui.alerts import AlertHooks  # noqa: PLC0415
 
     return [AlertHooks(graph.root, graph.config.on_success, graph.config.on_failure)]
+
+
+def _lineage_listener(graph: Graph) -> list[Listener]:
+    """OpenLineage events, when nbflow.yaml or the OpenLineage client's environment turns them on."""
+    from .ui.openlineage import OpenLineageListener, lineage_settings  # noqa: PLC0415 - stdlib only until on
+
+    settings = lineage_settings(graph.config.openlineage, os.environ)
+    return [] if settings is None else [OpenLineageListener(graph, settings)]
 
 
 def start(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), **options: Any) -> RunHandle:

@@ -39,6 +39,7 @@ _TOP_KEYS: dict[str, tuple[type, ...]] = {
     "pythonpath": (list, type(None)),
     "env": (dict,),
     "fingerprint": (dict,),
+    "openlineage": (bool, dict),
 }
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping", bool: "true or false", type(None): "null"}
@@ -91,6 +92,8 @@ class Config:
     pythonpath: tuple[str, ...] | None = None  # folders relative to the pipeline folder; None: the project root
     env: dict[str, str] = field(default_factory=dict)  # for every step; `$VAR` takes the caller's VAR
     fingerprint_packages: bool = False  # `fingerprint: {packages: true}`: package versions count too
+    # `openlineage: true` or {namespace, transport}: lineage events (ui/openlineage.py); None: not in the file
+    openlineage: bool | dict[str, Any] | None = None
     # for_step's answers by settings name: asked several times for each of thousands of grid instances
     _merged: dict[str, StepSettings] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -257,8 +260,15 @@ class _Reader:
             pythonpath=None if pythonpath is None else tuple(pythonpath),
             env={k: str(v) for k, v in top.get("env", {}).items()},
             fingerprint_packages=self.fingerprint_options(top.get("fingerprint", {})),
+            openlineage=self.openlineage_options(top.get("openlineage")),
         )
 
     def fingerprint_options(self, raw: dict) -> bool:
         good = self.check(raw, {"packages": (bool,)}, ("fingerprint",))
         return bool(good.get("packages", False))
+
+    def openlineage_options(self, raw: bool | dict | None) -> bool | dict[str, Any] | None:
+        """`openlineage: true`, or its settings: the jobs' `namespace`, the client's `transport`."""
+        if not isinstance(raw, dict):
+            return raw
+        return self.check(raw, {"namespace": (str,), "transport": (dict,)}, ("openlineage",))
