@@ -245,7 +245,8 @@ def test_an_unreachable_endpoint_is_logged_and_never_fails_the_run(
     assert any("OpenLineage: could not send the START event of weather" in r.getMessage() for r in caplog.records)
 
 
-def test_on_and_off() -> None:
+def test_on_and_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     assert lineage_settings(None, {}) is None  # off by default
     assert lineage_settings(None, {"OPENLINEAGE_URL": "http://x"}) == {}
     assert lineage_settings(None, {"OPENLINEAGE_CONFIG": "/etc/openlineage.yml"}) == {}
@@ -254,6 +255,15 @@ def test_on_and_off() -> None:
     assert lineage_settings(True, {}) == {}
     assert lineage_settings({"namespace": "etl"}, {}) == {"namespace": "etl"}
     assert lineage_settings(False, {"OPENLINEAGE_URL": "http://x"}) is None  # nbflow.yaml says no
+    assert lineage_settings(None, {"OPENLINEAGE_URL": "http://x", "OPENLINEAGE_DISABLED": "true"}) is None
+    assert lineage_settings(True, {"OPENLINEAGE_DISABLED": "TRUE"}) is None
+    home = tmp_path / "home"
+    (home / ".openlineage").mkdir(parents=True)
+    assert lineage_settings(None, {"HOME": str(home)}) is None
+    (home / ".openlineage" / "openlineage.yml").write_text("transport: {type: console}\n")
+    assert lineage_settings(None, {"HOME": str(home)}) == {}  # the client's configuration file
+    (tmp_path / "openlineage.yml").write_text("transport: {type: console}\n")
+    assert lineage_settings(None, {}) == {}  # in the current folder
 
 
 def test_openlineage_namespace_names_the_jobs_unless_nbflow_yaml_does(
@@ -300,6 +310,7 @@ def test_lineage_is_off_by_default_and_then_imports_nothing_of_openlineage(tmp_p
     code = ("import sys, nbflow; assert nbflow.run(sys.argv[1], display=False).ok; "
             "print(sorted(m for m in sys.modules if m.startswith('openlineage')))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENLINEAGE")}
+    env["HOME"] = str(tmp_path)  # no ~/.openlineage/openlineage.yml
     done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, env=env,
-                          timeout=120, check=True)
+                          timeout=120, check=True, cwd=tmp_path)
     assert done.stdout.strip() == "[]"

@@ -1,7 +1,8 @@
 """Lineage events in the OpenLineage format, sent through the `openlineage-python` client.
 
-Owns: whether lineage is on (`openlineage:` in nbflow.yaml, else the client's
-own environment: OPENLINEAGE_URL, OPENLINEAGE_CONFIG, OPENLINEAGE__TRANSPORT__*),
+Owns: whether lineage is on (`openlineage:` in nbflow.yaml, else what configures
+the client: OPENLINEAGE_URL, OPENLINEAGE_CONFIG, OPENLINEAGE__TRANSPORT__*, an
+openlineage.yml in the current folder or ~/.openlineage/),
 and `OpenLineageListener`, which turns the Runner's events into OpenLineage run
 events: a job for the pipeline and one per step, each run (the pipeline's run,
 each attempt of a step) with START and one of COMPLETE / FAIL / ABORT, steps
@@ -47,6 +48,7 @@ DEFAULT_NAMESPACE = "nbflow"
 #: The environment variables by which the OpenLineage client is configured (and so lineage turned on).
 _CLIENT_VARIABLES = ("OPENLINEAGE_URL", "OPENLINEAGE_CONFIG")
 _CLIENT_PREFIX = "OPENLINEAGE__TRANSPORT"
+_CONFIG_FILE = "openlineage.yml"  # the client reads it from the current folder or ~/.openlineage/
 #: How long the end of a run waits for the events still queued to be sent.
 _FLUSH_TIMEOUT = 30.0
 _REDACTED = "***"
@@ -56,10 +58,12 @@ def lineage_settings(configured: bool | Mapping[str, Any] | None, environ: Mappi
     """The lineage settings of a run, or None when lineage is off.
 
     `configured` is `openlineage:` of nbflow.yaml (None: absent): `false` turns
-    lineage off, `true` or a mapping turns it on. Absent, it is on when the
-    OpenLineage client's own environment variables configure the client.
+    lineage off, `true` or a mapping turns it on. Absent, it is on where the
+    OpenLineage client finds its configuration: its environment variables or
+    an `openlineage.yml` in the current folder or in ~/.openlineage/.
+    OPENLINEAGE_DISABLED=true (the client's switch) turns it off.
     """
-    if configured is False:
+    if configured is False or environ.get("OPENLINEAGE_DISABLED", "").strip().lower() == "true":
         return None
     if isinstance(configured, Mapping):
         return dict(configured)
@@ -67,7 +71,10 @@ def lineage_settings(configured: bool | Mapping[str, Any] | None, environ: Mappi
         return {}
     if any(environ.get(name) for name in _CLIENT_VARIABLES) or any(k.startswith(_CLIENT_PREFIX) for k in environ):
         return {}
-    return None
+    config_files = [Path.cwd() / _CONFIG_FILE]
+    if environ.get("HOME"):
+        config_files.append(Path(environ["HOME"]) / ".openlineage" / _CONFIG_FILE)
+    return {} if any(path.is_file() for path in config_files) else None
 
 
 def dataset_name(record_path: str, root: Path) -> tuple[str, str]:
