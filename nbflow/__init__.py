@@ -15,25 +15,28 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__
 
 __all__ = [
-    "run", "start", "Pipeline", "RunHandle", "history", "show", "lineage", "schedule", "clean", "repair",
+    "run", "start", "watch", "Pipeline", "RunHandle", "WatchHandle", "history", "show", "lineage", "schedule",
+    "clean", "repair",
     "glue", "load_value",
     "NbflowError", "PipelineError", "RunFailed", "PipelineLocked", "LedgerDamaged",
     "StepStatus", "RunStatus", "RunResult", "StepResult", "StepError",
 ]
 
 _LAZY = {
-    **dict.fromkeys(["run", "start", "Pipeline", "RunHandle", "history", "show", "lineage", "schedule", "clean",
-                     "repair"], "api"),
+    **dict.fromkeys(["run", "start", "watch", "Pipeline", "RunHandle", "history", "show", "lineage", "schedule",
+                     "clean", "repair"], "api"),
+    "WatchHandle": "watcher",
     **dict.fromkeys(["glue", "load_value"], "values"),
     **dict.fromkeys(["NbflowError", "PipelineError", "RunFailed", "PipelineLocked", "LedgerDamaged"], "errors"),
     **dict.fromkeys(["StepStatus", "RunStatus", "RunResult", "StepResult", "StepError"], "events"),
 }
 
 if TYPE_CHECKING:
-    from .api import Pipeline, RunHandle, clean, history, lineage, repair, run, schedule, show, start
+    from .api import Pipeline, RunHandle, clean, history, lineage, repair, run, schedule, show, start, watch
     from .errors import LedgerDamaged, NbflowError, PipelineError, PipelineLocked, RunFailed
     from .events import RunResult, RunStatus, StepError, StepResult, StepStatus
     from .values import glue, load_value
+    from .watcher import WatchHandle
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from .execute import Runner
     from .scheduling import Schedule
+    from .watcher import WatchCycle, WatchHandle
     from .state import Ledger, RunLock
 
 
@@ -217,7 +218,8 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         executor: str | None = None, dask_address: str | None = None, fail_fast: bool = False,
         background: bool = False, listeners: Iterable[Listener] = (), display: bool | None = None,
         run_id: str | None = None, call: str | None = None,
-        grid: Mapping[str, Mapping[str, Any]] | None = None) -> "RunResult | RunHandle":
+        grid: Mapping[str, Mapping[str, Any]] | None = None,
+        cycle: "WatchCycle | None" = None) -> "RunResult | RunHandle":
     """Run the pipeline (or `steps` and what they need); returns the RunResult.
 
     `grid` (`{"train": {"alpha": [0.1, 1.0]}}`) replaces nbflow.yaml's grids of
@@ -229,6 +231,8 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     the cell waits, interrupting the kernel (■) cancels the run cleanly, and
     so does the widget's Cancel button where jupyter-ui-poll can deliver its
     click (ipykernel 6). With background=True it returns a RunHandle at once.
+    `cycle` is set by `watch`: the run is one cycle of a watch, which lends its
+    executor (its kernels stay warm between cycles) and learns the graph and plan.
     """
     from . import audit  # noqa: PLC0415
     from .execute import Runner, new_run_id  # noqa: PLC0415
@@ -249,11 +253,13 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         widget = _widget(graph, plan) if display else None
         all_listeners = ([widget] if widget else []) + list(listeners) + _alert_hooks(graph)
         all_listeners += _lineage_listener(graph)
+        if cycle is not None:
+            all_listeners += cycle.planned(graph, plan)
         exe = None
         if plan.to_run:
             from .executors import make_executor  # noqa: PLC0415
 
-            exe = make_executor(settings)
+            exe = cycle.executor(settings) if cycle is not None else make_executor(settings)
         record = audit.collect(graph.root, call or _api_call(pipeline, steps, parameters, choice, grid),
                                packages=None if plan.to_run or graph.config.fingerprint_packages else {})
         runner = Runner(plan, ledger, exe or _NoExecutor(), listeners=all_listeners,
@@ -275,7 +281,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
             return runner.run()
         finally:
             try:
-                if exe is not None:
+                if exe is not None and cycle is None:  # a watch's executor lives as long as the watch
                     exe.close()
             finally:
                 ledger.close()
@@ -385,6 +391,42 @@ def start(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), **
     """
     handle = run(pipeline, steps, background=True, **options)
     assert isinstance(handle, RunHandle)
+    return handle
+
+
+def watch(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
+          parameters: Mapping[str, Any] | None = None, only: bool = False, jobs: int | None = None,
+          executor: str | None = None, dask_address: str | None = None, fail_fast: bool = False,
+          listeners: Iterable[Listener] = (), display: bool | None = None,
+          call: str | None = None) -> "WatchHandle":
+    """Rerun what goes stale whenever a notebook, a declared input or an imported project module changes on disk.
+
+    First runs what is stale now, then a cycle after each change: a save storm is one cycle, never two
+    runs at once (what changes during a run queues one more). Each cycle is an ordinary run, in the
+    ledger. Returns at once with a WatchHandle (`.stop()`, `.wait()`, `.cycles`): the watch goes on in
+    a background thread, so a notebook's kernel stays free. In Jupyter a live widget shows each cycle
+    (what changed, what reran) with a Stop button (display=False turns it off). Needs
+    `pip install "nbflow[watch]"`.
+    """
+    from .watcher import Watch, WatchHandle, require_watchfiles  # noqa: PLC0415
+
+    require_watchfiles()
+    root = _existing_folder(pipeline)
+    steps = [steps] if isinstance(steps, str) else list(steps)
+    display = _in_jupyter() if display is None else display
+    widget = None
+    if display:
+        from .ui.watch_widget import WatchWidget  # noqa: PLC0415
+
+        widget = WatchWidget(root)
+        widget.show()
+    options = {"parameters": parameters, "only": only, "jobs": jobs, "executor": executor,
+               "dask_address": dask_address, "fail_fast": fail_fast,
+               "call": call or f"nbflow.watch({str(pipeline)!r}{', ' + repr(steps) if steps else ''})"}
+    loop = Watch(root, tuple(steps), options, ([widget] if widget else []) + list(listeners))
+    handle = WatchHandle(loop)
+    if widget is not None:
+        widget.attach(handle.stop)
     return handle
 
 

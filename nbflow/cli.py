@@ -58,9 +58,11 @@ def main() -> None:
 @click.option("--dask-address", help="Scheduler address of a dask.distributed cluster.")
 @click.option("--fail-fast", is_flag=True, help="Start no new step after a failure.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else.")
+@click.option("--watch", is_flag=True, help="Then keep watching: rerun what goes stale whenever a notebook, a "
+                                            "declared input or an imported module changes on disk (Ctrl-C stops).")
 def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], force: bool, force_upstream: bool,
         only: bool, jobs: int | None, executor: str | None, dask_address: str | None, fail_fast: bool,
-        as_json: bool) -> None:
+        as_json: bool, watch: bool) -> None:
     """Run PIPELINE (or STEPS and what they need); fresh steps are skipped."""
     from . import api  # noqa: PLC0415
     from .audit import command_line  # noqa: PLC0415
@@ -70,9 +72,16 @@ def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], for
         overrides = parse_assignments(parameters)
     except ValueError as e:
         raise PipelineError(str(e)) from None
-    listeners = [] if as_json else [_progress_listener()]
     if only and not steps:
         raise click.UsageError("--only needs the STEPS to run")
+    if watch:
+        if as_json or force or force_upstream:
+            raise click.UsageError("--watch reruns what goes stale after each change; it takes neither --json nor "
+                                   "--force (run `nbflow run PIPELINE --force` once, then watch)")
+        _watch(pipeline, steps, overrides, only=only, jobs=jobs, executor=executor, dask_address=dask_address,
+               fail_fast=fail_fast)
+        return
+    listeners = [] if as_json else [_progress_listener()]
     handle = api.run(pipeline, steps, parameters=overrides, force=force, force_upstream=force_upstream, only=only,
                      jobs=jobs, executor=executor, call=command_line(),
                      dask_address=dask_address, fail_fast=fail_fast, background=True, listeners=listeners,
@@ -94,17 +103,42 @@ def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], for
     sys.exit(0 if result.ok else 1)
 
 
-def _progress_listener():
+def _watch(pipeline: Path, steps: tuple[str, ...], overrides: dict[str, Any], **options: Any) -> None:
+    """`nbflow run --watch`: cycles until Ctrl-C or SIGTERM, which end the watch cleanly (exit 0)."""
+    from . import api  # noqa: PLC0415
+    from .audit import command_line  # noqa: PLC0415
+
+    handle = api.watch(pipeline, steps, parameters=overrides, listeners=[_progress_listener(watch=True)],
+                       display=False, call=command_line(), **options)
+    previous = signal.signal(signal.SIGTERM, lambda *_: handle.stop())
+    try:
+        while not handle.done:
+            try:
+                handle.wait(timeout=0.2)
+            except KeyboardInterrupt:
+                handle.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        handle.wait()
+    except NbflowError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the watch's own failure (it cannot follow the files): exit 1
+        raise NbflowError(f"the watch ended: {e}") from None
+    sys.exit(0)
+
+
+def _progress_listener(watch: bool = False):
     if sys.stdout.isatty():
         try:
-            from .ui.terminal import TerminalProgress  # noqa: PLC0415
+            from .ui.terminal import TerminalProgress, WatchProgress  # noqa: PLC0415
 
-            return TerminalProgress()
+            return WatchProgress() if watch else TerminalProgress()
         except ImportError:
             pass
-    from .ui.log import LogListener  # noqa: PLC0415
+    from .ui.log import LogListener, WatchLog  # noqa: PLC0415
 
-    return LogListener(sys.stdout)
+    return WatchLog(sys.stdout) if watch else LogListener(sys.stdout)
 
 
 @main.command()

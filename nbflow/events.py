@@ -266,10 +266,45 @@ class RunFinished(Event):
     result: RunResult
 
 
+@dataclass(frozen=True)
+class WatchCycleStarted(Event):
+    """A watch (`nbflow run --watch`, `nbflow.watch`) starts a cycle: a run of what went stale."""
+
+    number: int  # 1 for the first cycle, which runs what is stale when the watch starts
+    changed: tuple[str, ...]  # what changed since the last cycle (relative to the pipeline folder)
+    started_at: float
+
+
+@dataclass(frozen=True)
+class WatchCycleFinished(Event):
+    number: int
+    changed: tuple[str, ...]
+    result: RunResult | None  # None when the cycle could not run: `error` says why
+    error: str | None
+    watching: int  # files and folders the watch follows now
+
+    @property
+    def reran(self) -> tuple[str, ...]:
+        """The steps this cycle ran (whatever their outcome)."""
+        if self.result is None:
+            return ()
+        return tuple(name for name, step in self.result.steps.items()
+                     if step.status in (StepStatus.SUCCEEDED, StepStatus.FAILED)
+                     or (step.status == StepStatus.CANCELLED and step.attempts > 0))
+
+
+@dataclass(frozen=True)
+class WatchStopped(Event):
+    """The watch ended (Ctrl-C, Stop, `.stop()`); `error` when it ended by an error of its own."""
+
+    cycles: int
+    error: str | None = None
+
+
 Listener = Callable[[Event], None]
 
 __all__ = [
     "StepStatus", "RunStatus", "StepError", "FileRecord", "PlannedStep", "Event", "RunStarted", "StepSkipped",
     "StepStarted", "CellStarted", "CellFinished", "StepSucceeded", "StepFailed", "StepCancelled", "StepNotRun",
-    "StepResult", "RunResult", "RunFinished", "Listener",
+    "StepResult", "RunResult", "RunFinished", "WatchCycleStarted", "WatchCycleFinished", "WatchStopped", "Listener",
 ]

@@ -11,8 +11,8 @@ import time
 from typing import TextIO
 
 from ..events import (CellFinished, Event, RunFinished, RunStarted, StepCancelled, StepFailed, StepNotRun,
-                      StepSkipped, StepStarted, StepSucceeded)
-from .view import format_duration, not_run_note
+                      StepSkipped, StepStarted, StepSucceeded, WatchCycleFinished, WatchCycleStarted, WatchStopped)
+from .view import cycle_cause, cycle_outcome, format_duration, not_run_note
 
 
 def describe(event: Event) -> str | None:
@@ -54,6 +54,27 @@ class LogListener:
 
     def __call__(self, event: Event) -> None:
         line = describe(event)
+        if line is not None:
+            self.stream.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+            self.stream.flush()
+
+
+class WatchLog(LogListener):
+    """Watch mode off a terminal: a line when a cycle starts (what changed) and ends (what reran), and the
+    run's lines in between, fresh steps left out."""
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, WatchCycleStarted):
+            line: str | None = f"cycle {event.number}: {cycle_cause(event.changed)}"
+        elif isinstance(event, WatchCycleFinished):
+            line = (f"cycle {event.number}: {cycle_outcome(event)[0]}\n"
+                    f"watching {event.watching} files and folders for changes")
+        elif isinstance(event, WatchStopped):
+            line = f"watch stopped after {event.cycles} cycle(s)" + (f": {event.error}" if event.error else "")
+        elif isinstance(event, StepSkipped):
+            line = None
+        else:
+            line = describe(event)
         if line is not None:
             self.stream.write(f"{time.strftime('%H:%M:%S')} {line}\n")
             self.stream.flush()

@@ -22,9 +22,9 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from ..events import Event, RunFinished, RunStarted, StepStatus
+from ..events import Event, RunFinished, RunStarted, StepStatus, WatchCycleFinished, WatchCycleStarted, WatchStopped
 from ..layout import StateLayout
-from .view import STATE_STYLES, RunView, StepView, format_duration
+from .view import STATE_STYLES, RunView, StepView, cycle_cause, cycle_outcome, format_duration
 
 _BAR_WIDTH = 16
 _EAGER_ROWS = 30  # a table up to this long is redrawn on every event
@@ -34,9 +34,12 @@ _BAR_STYLES = {StepStatus.FAILED: "red", StepStatus.CANCELLED: "dark_orange"}
 class TerminalProgress:
     """A listener that shows a run live in the terminal; leaves the final table and a summary on screen."""
 
-    def __init__(self, console: Console | None = None, *, refresh_per_second: float = 8):
+    def __init__(self, console: Console | None = None, *, refresh_per_second: float = 8, hide_skipped: bool = False):
+        """`hide_skipped`: leave fresh steps out of the table (a watch's cycle shows what reran; the summary
+        line counts them)."""
         self.console = console or Console()
         self.refresh_per_second = refresh_per_second
+        self.hide_skipped = hide_skipped
         self.view = RunView()
         self._live: Live | None = None
         self._lock = threading.Lock()
@@ -113,7 +116,7 @@ class TerminalProgress:
     def _visible_rows(self) -> tuple[list[StepView], str]:
         """While live, as many rows as the terminal shows: the steps running or failed first, then those next
         in the plan; the rest are counted ('… 250 more: 240 skipped, 10 pending'). The final table has them all."""
-        rows = list(self.rows.values())
+        rows = [r for r in self.rows.values() if not (self.hide_skipped and r.status == StepStatus.SKIPPED)]
         room = self.console.size.height - 6
         if self._live is None or self.view.result is not None or len(rows) <= max(room, _EAGER_ROWS):
             return rows, ""
@@ -193,6 +196,44 @@ class TerminalProgress:
         return text
 
 
+class WatchProgress:
+    """Watch mode in a terminal: a line per cycle (what changed, what reran), and the steps of each cycle that
+    runs something live, as for a run (fresh steps left out)."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self._run: TerminalProgress | None = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, WatchCycleStarted):
+            self.console.print(Text.assemble((f"{_clock(event.started_at)} cycle {event.number}", "bold"),
+                                             f": {cycle_cause(event.changed)}"), soft_wrap=True)
+            self._run = None
+        elif isinstance(event, WatchCycleFinished):
+            self._run = None
+            text, style = cycle_outcome(event)
+            look = style.rich if style is not None else ("red" if event.error else "grey50")
+            self.console.print(Text.assemble((f"{_clock(time.time())} cycle {event.number}", "bold"), ": ",
+                                             (text, look)), soft_wrap=True)
+            self.console.print(Text(f"watching {event.watching} files and folders for changes (Ctrl-C stops)",
+                                    style="grey50"))
+        elif isinstance(event, WatchStopped):
+            self.console.print(Text(f"watch stopped after {event.cycles} cycle(s)"
+                                    + (f": {event.error}" if event.error else ""), style="grey50"))
+        elif isinstance(event, RunStarted):
+            # a cycle where every step is fresh gets its line only, not an empty table
+            self._run = TerminalProgress(self.console, hide_skipped=True) \
+                if any(p.action == "run" for p in event.plan) else None
+            if self._run is not None:
+                self._run(event)
+        elif self._run is not None:
+            self._run(event)
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at))
+
+
 class _StderrAboveLive:
     """Routes file descriptor 2 through a pipe; each line is printed above the live table.
 
@@ -237,4 +278,4 @@ def _bar_segments(done: int, total: int, style: str) -> list[tuple[str, str]]:
     return [("━" * filled, style), ("━" * (_BAR_WIDTH - filled), "grey23")]
 
 
-__all__ = ["TerminalProgress"]
+__all__ = ["TerminalProgress", "WatchProgress"]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..events import (MASK, CellFinished, CellStarted, Event, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus,
                       StepCancelled, StepError, StepFailed, StepNotRun, StepSkipped, StepStarted, StepStatus,
-                      StepSucceeded)
+                      StepSucceeded, WatchCycleFinished)
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -358,3 +358,31 @@ class RunView:
         steps = {r.name: StepResult(r.name, r.status, r.attempt, r.elapsed(now), r.notebook, r.error, r.reasons)
                  for r in self.steps.values()}
         return RunResult(self.run_id, self.root, RunStatus.RUNNING, steps, self.started_at or now, now)
+
+
+# -- watch mode: the words of a cycle -------------------------------------------------------
+
+def cycle_cause(changed: tuple[str, ...], limit: int = 5) -> str:
+    """Why a cycle runs: 'changed clean.ipynb, data/raw.csv' (at most `limit` named)."""
+    if not changed:
+        return "running what is stale"
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return "changed " + ", ".join(changed[:limit]) + more
+
+
+def cycle_outcome(event: WatchCycleFinished) -> tuple[str, StateStyle | None]:
+    """What a cycle did, in words, with the style of its outcome (None: an error, or nothing ran)."""
+    if event.error is not None:
+        first = event.error.splitlines()[0] if event.error else "error"
+        more = f" (and {len(event.error.splitlines()) - 1} more problems)" if "\n" in event.error else ""
+        return f"✖ cannot run: {first}{more}; fix it and save, the watch goes on", None
+    result = event.result
+    assert result is not None
+    fresh = sum(1 for s in result.steps.values() if s.status == StepStatus.SKIPPED)
+    if not event.reran:
+        return f"nothing to rerun: {fresh} step{'s' if fresh != 1 else ''} fresh", None
+    style = STATE_STYLES[StepStatus.SUCCEEDED if result.ok else StepStatus.CANCELLED
+                         if result.status == RunStatus.CANCELLED else StepStatus.FAILED]
+    reran = ", ".join(event.reran[:8]) + (f" and {len(event.reran) - 8} more" if len(event.reran) > 8 else "")
+    kept = f", {fresh} fresh" if fresh else ""
+    return f"{style.icon} reran {reran}: {result.status.value} in {format_duration(result.duration_s)}{kept}", style

@@ -104,20 +104,21 @@ function render({ model, el }) {
       return;
     }
     if (slot && button.parentNode !== slot) slot.appendChild(button);
+    const label = controls.label || "Cancel"; // a watch's widget says "Stop watching"
     if (controls.cancelling || clicked) {
-      button.textContent = "Cancelling…";
+      button.textContent = controls.busy_label || "Cancelling…";
       button.disabled = true;
       button.title = "The run stops: running kernels are stopped, notebooks saved";
     } else if (server === undefined) {
-      button.textContent = "Cancel";
+      button.textContent = label;
       button.disabled = true;
       button.title = "Finding the Jupyter server…";
     } else if (server) {
-      button.textContent = "Cancel";
+      button.textContent = label;
       button.disabled = false;
       button.title = "Stop the run, even while a cell runs: running kernels are stopped, notebooks saved";
     } else if (!controls.holds_kernel) {
-      button.textContent = "Cancel";
+      button.textContent = label;
       button.disabled = false;
       button.title = "Stop the run: this front end reaches the kernel only when no cell runs";
     } else {

@@ -85,7 +85,9 @@ class RunModel(anywidget.AnyWidget):
 class RunWidget:
     """The live view of one run: `show()` it, pass it to the Runner as a listener, `attach(cancel, ...)`."""
 
-    def __init__(self, graph: "Graph", plan: "Plan"):
+    def __init__(self, graph: "Graph", plan: "Plan", model: Any = None):
+        """`model`: where to put the HTML instead of a RunModel of its own (a watch's widget shows each cycle's
+        run inside its own frame)."""
         self.graph = graph
         self.root = Path(graph.root)
         self.notebook_dir = _notebook_dir()  # links are relative to the notebook calling nbflow.run
@@ -103,7 +105,7 @@ class RunWidget:
         self._handle: Any = None
         self._pushed_at = 0.0
         self._dirty = False
-        self.model = RunModel(controls=self._controls())
+        self.model = model if model is not None else RunModel(controls=self._controls())
         self.model.on_msg(self._on_message)
         self._push(graph=True)
 
