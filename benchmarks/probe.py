@@ -40,6 +40,24 @@ def papermill_loop(folder: str, out: str) -> dict:
     return {"import_s": t1 - t0, "loop_s": time.perf_counter() - t1}
 
 
+def papermill_grid(folder: str, out: str, a: int, b: int) -> dict:
+    """The grid workload as a papermill loop: sweep.ipynb once per (a, b), each given its own output path
+    (what nbflow's injected cell does), then the fan-in gather.ipynb."""
+    t0 = time.perf_counter()
+    import papermill as pm
+
+    t1 = time.perf_counter()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for i in range(a):
+        for j in range(b):
+            parameters = {"a": i, "b": j, "outputs": {"out": f"parts/a={i}/b={j}/out.txt"}}
+            pm.execute_notebook(str(Path(folder) / "sweep.ipynb"), str(Path(out) / f"sweep-{i}-{j}.ipynb"),
+                                parameters=parameters, cwd=folder, progress_bar=False)
+    pm.execute_notebook(str(Path(folder) / "gather.ipynb"), str(Path(out) / "gather.ipynb"), cwd=folder,
+                        progress_bar=False)
+    return {"import_s": t1 - t0, "loop_s": time.perf_counter() - t1}
+
+
 def papermill_engines(path: str, out: str, calls: int) -> dict:
     """`calls` papermill.execute_notebook calls with the default engine and as many with engine_name="nbflow".
 
@@ -138,6 +156,8 @@ def main(argv: list[str]) -> None:
         result = versions()
     elif command == "papermill-loop":
         result = papermill_loop(*args)
+    elif command == "papermill-grid":
+        result = papermill_grid(args[0], args[1], int(args[2]), int(args[3]))
     elif command == "papermill-engines":
         result = papermill_engines(args[0], args[1], int(args[2]))
     elif command == "nbclient":

@@ -60,6 +60,8 @@ class Sizes:
     loop_runs: int = 5  # papermill loop (in-process), interleaved with the first nbflow runs
     warmups: bool = True  # one untimed run of each tool before the timed ones
     engine_calls: int = 10  # papermill.execute_notebook calls per engine (default, nbflow), in one process
+    grid: tuple[int, int] = (8, 6)  # a x b instances of the gridded step (48), plus a fan-in
+    grid_status: tuple[int, int] = (2000, 500)  # instances: `nbflow status` never run / after a full run
 
 
 def sizes_for(mode: str) -> Sizes:
@@ -69,7 +71,7 @@ def sizes_for(mode: str) -> Sizes:
     if mode == "smoke":
         return Sizes(chain=2, independent=2, cells=5, dag=6, runs=1, slow_runs=1, chain_samples=2, boots=1,
                      parquet_samples=1, dag_run=True, ploomber=False, papermill_cli=False, loop_runs=1, warmups=False,
-                     engine_calls=2)
+                     engine_calls=2, grid=(2, 2), grid_status=(40, 6))
     return Sizes()
 
 
@@ -257,6 +259,70 @@ class Bench:
         m, p = statistics.median(mine), statistics.median(plain)
         self.add(Row(f"one notebook of {s.cells} cells", f"{m:.2f} s", f"plain nbclient {p:.2f} s", m / p, "<= 1.3",
                      m / p <= 1.3, f"whole processes; nbclient execute() alone {statistics.median(plain_exec):.2f} s"))
+
+    def grid_sweep(self, ploomber: str | None, ploomber_problem: str | None) -> None:
+        """A 48-instance grid and its fan-in, -j 2: nbflow vs a papermill loop vs Ploomber's grid, interleaved."""
+        s = self.sizes
+        a, b = s.grid
+        n = a * b
+        folder, pl_dir, out = self.work / "grid", self.work / "ploomber-grid", self.work / "grid-pm-out"
+        workloads.grid(folder, a, b)
+        if ploomber:
+            workloads.ploomber_grid(pl_dir, a, b, s.jobs)
+        env = {**os.environ, "PLOOMBER_STATS_ENABLED": "false", "PLOOMBER_VERSION_CHECK_DISABLED": "true"}
+        if s.warmups:
+            self.nbflow("run", "grid", "--force", "--json", "-j", str(s.jobs))
+        mine, cpus, loop, loop_inner, pl = [], [], [], [], []
+        for r in range(max(s.runs, s.loop_runs)):
+            if r < s.runs:
+                wall, result, cpu = self.nbflow("run", "grid", "--force", "--json", "-j", str(s.jobs))
+                assert isinstance(result, dict) and result["status"] == "succeeded", result
+                assert len(result["steps"]) == n + 1, result
+                mine.append(wall)
+                cpus.append(cpu)
+            if r < s.loop_runs:
+                wall, found, _ = self.call([self.python, str(PROBE), "papermill-grid", str(folder), str(out), str(a),
+                                            str(b)])
+                loop.append(wall)
+                loop_inner.append(json.loads(found.strip().splitlines()[-1])["loop_s"])
+            if r < s.slow_runs and ploomber:
+                pl.append(self.call([ploomber, "build", "--force"], cwd=pl_dir, env=env)[0])
+        self.raw["grid"] = {"nbflow": mine, "nbflow_cpu": cpus, "papermill_loop": loop,
+                            "papermill_loop_inner": loop_inner, "ploomber": pl}
+        m, lm = statistics.median(mine), statistics.median(loop)
+        name = f"{n}-instance grid + fan-in, -j {s.jobs}, forced"
+        self.add(Row(name, f"{m:.2f} s", f"papermill loop {lm:.2f} s", m / lm, "<= 0.25", m / lm <= 0.25,
+                     f"whole processes; loop alone {statistics.median(loop_inner):.2f} s; nbflow CPU "
+                     f"{statistics.median(cpus):.2f} s"))
+        if pl:
+            pm = statistics.median(pl)
+            self.add(Row(name, f"{m:.2f} s", f"ploomber build (grid) {pm:.2f} s", m / pm, "(info)", None,
+                         f"Ploomber's grid: and Parallel executor with {s.jobs} processes; median of {len(pl)}"))
+        else:
+            self.add(Row(name, f"{m:.2f} s", "ploomber build (grid): not measured", None, "(info)", None,
+                         ploomber_problem or "disabled"))
+
+    def grid_status(self) -> None:
+        """`nbflow status` of a large grid: never run, and after a full run (hashing and the ledger included)."""
+        s = self.sizes
+        for n, run_first in zip(s.grid_status, (False, True)):
+            label = f"grid{n}"
+            workloads.grid(self.work / label, *((n // 10, 10) if n % 10 == 0 else (n, 1)))  # 2,000 = 200 x 10
+            note = "planning, freshness and left-behind outputs; no kernel"
+            if run_first:
+                wall, result, _ = self.nbflow("run", label, "--json", "-j", str(s.jobs))
+                assert isinstance(result, dict) and result["status"] == "succeeded", result
+                note += f"; after one run of all {n} instances and the fan-in ({wall:.1f} s with -j {s.jobs})"
+            samples = [self.nbflow("status", label) for _ in range(s.runs)]
+            if run_first:
+                out = self.nbflow("status", label, "--json")[1]
+                assert isinstance(out, dict) and {st["state"] for st in out["steps"]} == {"fresh"}, out
+            times = [t for t, _, _ in samples]
+            self.raw[f"grid_status_{'fresh' if run_first else 'never_run'}"] = times
+            m = statistics.median(times)
+            self.add(Row(f"{n}-instance grid: `nbflow status`, {'all fresh' if run_first else 'never run'}",
+                         f"{m:.2f} s", "", None, "<= 0.5 s", m <= 0.5,
+                         f"{note}; CPU {statistics.median(c for _, _, c in samples):.2f} s"))
 
     def papermill_engine(self) -> None:
         """nbflow as a papermill engine: a loop of execute_notebook calls, default engine vs engine_name="nbflow"."""
@@ -511,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode",
                       help="tiny workloads, one run each: checks that the benchmark works, times nothing useful")
     parser.add_argument("--no-ploomber", action="store_true", help="do not install or run Ploomber")
-    parser.add_argument("--only", help="comma-separated subset: chain,fresh,independent,cells,engine,dataframe,"
+    parser.add_argument("--only", help="comma-separated subset: chain,fresh,independent,cells,engine,grid,dataframe,"
                                        "status,startup,imports")
     parser.add_argument("--work", type=Path, help="where workloads are generated [benchmarks/.cache/work-<env>]")
     parser.add_argument("--json", type=Path, help="write the rows, raw timings and machine facts here")
@@ -532,9 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     compile_nbflow(bench)
     print(f"nbflow benchmark ({args.mode or 'full'}) with {python}: Python {facts['python']}, {facts['nproc']} CPUs "
           f"({facts['cpu']}), load average {facts['loadavg_start'][0]:.1f}; log {log}", flush=True)
-    selected = set((args.only or "chain,fresh,independent,cells,engine,dataframe,status,startup,imports").split(","))
+    selected = set((args.only or "chain,fresh,independent,cells,engine,grid,dataframe,status,startup,imports")
+                   .split(","))
     ploomber, problem = (None, "disabled (--no-ploomber)")
-    if "chain" in selected and sizes.ploomber:
+    if ("chain" in selected or "grid" in selected) and sizes.ploomber:
         ploomber, problem = ensure_ploomber(log)
         if problem:
             print(f"ploomber: {problem}", flush=True)
@@ -551,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
         bench.many_cells()
     if "engine" in selected:
         bench.papermill_engine()
+    if "grid" in selected:
+        bench.grid_sweep(ploomber, problem)
+        bench.grid_status()
     if "dataframe" in selected:
         bench.dataframe()
     if "status" in selected:

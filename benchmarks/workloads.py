@@ -148,3 +148,37 @@ def papermill_notebook(folder: Path) -> Path:
         ("mean = statistics.fmean(values)\nprint(f'mean {mean:.4f}')", ""),
         ("{'alpha': alpha, 'n': n, 'mean': mean}", ""),
     ])
+
+
+_SWEEP_PARAMETERS = 'outputs = {"out": "parts/out.txt"}\na = 0\nb = 0'
+_SWEEP = ('import os\nos.makedirs(os.path.dirname(outputs["out"]), exist_ok=True)\n'
+          'open(outputs["out"], "w").write(f"{a} {b}")')
+_GATHER = ('import os\nfound = [f for _, _, files in os.walk(inputs["parts"]) for f in files]\n'
+           'open(outputs["all"], "w").write(str(len(found)))')
+
+
+def grid(folder: Path, a: int, b: int) -> None:
+    """A gridded step of a x b trivial instances (keys a and b, each writing parts/a=../b=../out.txt) and
+    a fan-in that reads the folder parts/: an nbflow pipeline whose notebooks papermill can run too."""
+    _fresh(folder)
+    _write(folder / "sweep.ipynb", [(_SWEEP_PARAMETERS, "parameters"), (_SWEEP, "")])
+    _write(folder / "gather.ipynb", [('inputs = {"parts": "parts/"}\noutputs = {"all": "all.txt"}', "parameters"),
+                                     (_GATHER, "")])
+    (folder / "nbflow.yaml").write_text(f"steps:\n  sweep:\n    grid:\n      a: {list(range(a))}\n"
+                                        f"      b: {list(range(b))}\n")
+
+
+def ploomber_grid(folder: Path, a: int, b: int, jobs: int) -> None:
+    """The same grid for Ploomber: a task with `grid:` and a fan-in whose upstream is every instance."""
+    _fresh(folder)
+    _write(folder / "sweep.ipynb", [("upstream = None\nproduct = None\na = 0\nb = 0", "parameters"),
+                                    ('open(product["data"], "w").write(f"{a} {b}")', "")])
+    _write(folder / "gather.ipynb", [('upstream = ["sweep-*"]\nproduct = None', "parameters"),
+                                     ('open(product["data"], "w").write(str(len(upstream["sweep-*"])))', "")])
+    (folder / "pipeline.yaml").write_text(
+        f"executor:\n  dotted_path: ploomber.executors.Parallel\n  processes: {jobs}\n"
+        "tasks:\n"
+        "  - source: sweep.ipynb\n    name: sweep-[[a]]-[[b]]\n"
+        "    product:\n      nb: output/sweep-[[a]]-[[b]].ipynb\n      data: output/parts/a=[[a]]-b=[[b]].txt\n"
+        f"    grid:\n      a: {list(range(a))}\n      b: {list(range(b))}\n"
+        "  - source: gather.ipynb\n    product:\n      nb: output/gather.ipynb\n      data: output/all.txt\n")

@@ -182,6 +182,22 @@ def test_a_grid_goes_to_nbflow_yaml_and_its_outputs_to_partition_folders(tmp_pat
     assert any("grid written to nbflow.yaml" in n.message and "output/metrics/alpha=0.1/seed=1/metrics.csv"
                in n.message for n in done.notes)
 
+    # the converted grid runs: one instance per (alpha, seed); the fan-in once its listed line reads the folder
+    compare = json.loads((out / "compare.ipynb").read_text())
+    cell = compare["cells"][issue.cell - 1]
+    cell["source"] = "".join(cell["source"]).replace(
+        'pd.concat(pd.read_csv(products["metrics"]) for products in upstream["fit-*"].values())',
+        'pd.concat(pd.read_csv(p) for p in Path(inputs["fit_metrics"]).glob("*/*/metrics.csv"))')
+    cell["source"] = "from pathlib import Path\n" + cell["source"]
+    (out / "compare.ipynb").write_text(json.dumps(compare))
+    result = nbflow.run(out, display=False, jobs=2)
+    assert result.ok, result.to_json()
+    assert sorted(n for n in result.steps if n.startswith("fit")) == sorted(
+        f"fit[alpha={a},seed={s}]" for a in (0.1, 1.0) for s in (1, 2, 3))
+    assert (out / "output" / "metrics" / "alpha=1.0" / "seed=3" / "metrics.csv").is_file()
+    best = (out / "output" / "best.csv").read_text().splitlines()
+    assert best[0] == "alpha,seed,folds,score" and best[1].startswith("1.0,")
+
 
 def test_parameters_cells_and_code_are_rewritten_in_place(tmp_path, notebook_factory):
     project = tmp_path / "project"
