@@ -136,14 +136,15 @@ def _notebook(path: Path, *sources: str, parameters: str | None = None) -> None:
 
 
 def _grid(folder: Path) -> None:
-    """48 instances of a grid, as the grid feature names them; alpha=5,seed=3 fails."""
-    for i in range(48):
-        alpha, seed = divmod(i, 4)
-        fail = "raise ValueError('alpha=5, seed=3 diverges')\n" if (alpha, seed) == (5, 3) else ""
-        _notebook(folder / f"train[alpha={alpha},seed={seed}].ipynb",
-                  "import os\nos.makedirs(os.path.dirname(outputs['score']), exist_ok=True)",
-                  fail + "open(outputs['score'], 'w').write('1')",
-                  parameters=f'inputs = {{}}\noutputs = {{"score": "scores/alpha={alpha}/seed={seed}.txt"}}')
+    """A grid of 12 x 4 = 48 instances of train.ipynb (nbflow.yaml), alpha=5,seed=3 fails; summary reads them all."""
+    _notebook(folder / "train.ipynb",
+              "if (alpha, seed) == (5, 3):\n    raise ValueError('alpha=5, seed=3 diverges')\n"
+              "open(outputs['score'], 'w').write(str(alpha * seed))",
+              parameters='inputs = {}\noutputs = {"score": "scores/score.txt"}\nalpha = 0\nseed = 0')
+    _notebook(folder / "summary.ipynb", "import os\nopen(outputs['n'], 'w').write(str(len(list(os.walk('scores')))))",
+              parameters='inputs = {"scores": "scores/"}\noutputs = {"n": "n.txt"}')
+    (folder / "nbflow.yaml").write_text(f"steps:\n  train:\n    grid:\n      alpha: {list(range(12))}\n"
+                                        "      seed: [0, 1, 2, 3]\n")
 
 
 def _chain(folder: Path, n: int = 15) -> None:
@@ -184,7 +185,7 @@ def lab(tmp_path_factory):
     work.mkdir(parents=True)
     for name, fixture in [("slow", "widget_slow_steps"), ("raises", "widget_step_raises"),
                           ("background", "widget_slow_steps"), ("interrupt", "widget_slow_steps"),
-                          ("blocking", "widget_slow_steps")]:
+                          ("blocking", "widget_slow_steps"), ("nb7", "widget_slow_steps")]:
         shutil.copytree(FIXTURES / fixture, work / name)
     (work / "raises" / "total.ipynb").rename(work / "raises" / f"{LONG_NAME}.ipynb")
     _grid(work / "grid")
@@ -193,6 +194,8 @@ def lab(tmp_path_factory):
     _notebook(work / "run_raises.ipynb", 'import nbflow\nresult = nbflow.run("raises")')
     _notebook(work / "run_grid.ipynb", 'import nbflow\nresult = nbflow.run("grid")')
     _notebook(work / "run_chain.ipynb", 'import nbflow\nresult = nbflow.run("chain")')
+    _notebook(work / "run_nb7.ipynb",
+              'import nbflow\nresult = nbflow.run("nb7", parameters={"total.delay": 5})', NEXT_CELL)
     _notebook(work / "run_interrupt.ipynb",
               'import nbflow\nresult = nbflow.run("interrupt", parameters={"delay": 3})\nprint(result.status)',
               NEXT_CELL)
@@ -624,10 +627,11 @@ def test_a_grid_of_48_instances_is_one_row_and_one_node(lab: Lab, open_notebook)
     expect(group.locator("summary .nbflow-note")).to_contain_text("47 succeeded")
     rows = group.locator(".nbflow-step")
     expect(rows.first).to_be_hidden()  # folded
+    expect(row(panel, "summary").locator(".nbflow-state")).to_have_text(re.compile("not run"))  # the fan-in
     box = view.bounding_box()
-    assert box is not None and box["height"] < 400, box  # one line for 48 steps, and the graph
+    assert box is not None and box["height"] < 400, box  # one line for 48 steps, one for the fan-in, the graph
     nodes = view.locator(".nbflow-graph g.nbflow-step")
-    expect(nodes).to_have_count(1)
+    expect(nodes).to_have_count(2)
     expect(nodes.first).to_contain_text("48/48 · 1 failed")
     graph_box = view.locator(".nbflow-graph svg").bounding_box()
     assert graph_box is not None and graph_box["width"] <= box["width"] + 0.5
@@ -637,6 +641,10 @@ def test_a_grid_of_48_instances_is_one_row_and_one_node(lab: Lab, open_notebook)
     expect(rows.first).to_have_attribute("data-step", "train[alpha=5,seed=3]")  # failures first
     expect(rows.first.locator(".nbflow-error")).to_contain_text("alpha=5, seed=3 diverges")
     screenshot(output_area(panel), "widget-grid-open.png")
+    # an instance's executed notebook, named train[alpha=5,seed=3].ipynb, opens as a tab of this Lab
+    pages = len(panel.page.context.pages)
+    rows.first.locator("a.nbflow-link").click()
+    expect_opened_in_lab(panel.page, "train[alpha=5,seed=3].ipynb", pages)
 
 
 def test_a_long_chain_fits_the_width_with_its_failed_step_in_view(lab: Lab, open_notebook):
@@ -656,3 +664,44 @@ def test_a_long_chain_fits_the_width_with_its_failed_step_in_view(lab: Lab, open
     box = failed.bounding_box()
     assert box is not None and box["x"] + box["width"] <= area["x"] + area["width"] + 0.5, (box, area)
     screenshot(output_area(panel), "widget-chain-15.png")
+
+
+def test_notebook_7_live_link_and_cancel_during_a_blocking_run(lab: Lab, browser, lab_page: Page):
+    """(lab_page: Chromium's own services start with it, before this test counts its processes.)"""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    running = lab.processes()
+    try:
+        page.goto(f"{lab.url}/notebooks/class/run_nb7.ipynb?token={lab.token}")
+        panel = page.locator(".jp-NotebookPanel")
+        expect(panel.locator(".jp-Notebook-ExecutionIndicator")).to_have_attribute("data-status", "idle",
+                                                                                   timeout=60_000)
+        menu(page, "Run", "Run All Cells")
+        view = widget(panel)
+        expect(row(panel, "total").locator(".nbflow-state")).to_have_text(re.compile("running"), timeout=60_000)
+        expect(prompt(panel)).to_have_text("[*]:")
+        # Notebook 7 opens a document in a browser tab of its own
+        link = row(panel, "numbers").locator("a.nbflow-link")
+        expect(link).to_have_attribute("data-commandlinker-command", "docmanager:open")
+        with context.expect_page() as opened:
+            link.click()
+        opened.value.wait_for_url(re.compile(r"/sub/notebooks/class/nb7/_nbflow/runs/[^/]+/numbers\.ipynb"),
+                                  wait_until="commit")
+        opened.value.close()
+        expect(row(panel, "total").locator(".nbflow-state")).to_have_text(re.compile("running"))
+        button = view.get_by_role("button", name="Cancel")
+        expect(button).to_be_enabled()
+        screenshot(panel.locator(".jp-Cell-outputArea").first, "widget-notebook7-running.png")
+        button.click()
+        expect(view.locator(".nbflow-runstate")).to_contain_text("cancelled", timeout=30_000)
+        expect(row(panel, "total").locator(".nbflow-state")).to_have_text(re.compile("cancelled"))
+        expect_next_cell_ran(panel, "cancelled")
+        screenshot(panel.locator(".jp-Cell-outputArea").first, "widget-notebook7-cancelled.png")
+    finally:
+        context.close()
+        stop = {k["id"] for k in lab.api("GET", "/api/kernels")}
+        for session in lab.api("GET", "/api/sessions"):
+            if session["path"] == "class/run_nb7.ipynb" or "/_nbflow/" in session["path"]:
+                lab.api("DELETE", f"/api/kernels/{session['kernel']['id']}")
+                lab.wait_until_stopped(session["kernel"]["id"], running)
+        assert stop
