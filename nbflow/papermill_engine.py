@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from papermill.engines import Engine
 from papermill.exceptions import PapermillException
@@ -122,7 +122,7 @@ async def _execute(pool: KernelPool, nb_man: Any, request: KernelRequest, *, tim
             except CellTimeoutError:
                 await _interrupt(kernel, runner, cell)
                 raise nbclient.exceptions.CellTimeoutError.error_from_timeout_and_cell(
-                    "Cell execution timed out", timeout, cell) from None
+                    "Cell execution timed out", cast(int, timeout), cell) from None
             except DeadKernelError:
                 raise nbclient.exceptions.DeadKernelError("Kernel died") from None
             finally:

@@ -255,13 +255,20 @@ class _OpenLineage:
 
         from ..version import __version__  # noqa: PLC0415
 
-        self.Client, self.events, self.client_version = OpenLineageClient, event_v2, client_version
-        self.version, self.error_facet, self.parameters_facet = dataset_version_dataset, error_message_run, \
-            execution_parameters_run
-        self.input_statistics, self.output_statistics = input_statistics_input_dataset, output_statistics_output_dataset
-        self.job_type, self.parent_facet, self.engine, self.tags_facet = job_type_job, parent_run, \
-            processing_engine_run, tags_run
+        self.Client = OpenLineageClient
+        self.events = event_v2
+        self.client_version = client_version
         self.generate_new_uuid = generate_new_uuid
+        # the modules of the facets used
+        self.version = dataset_version_dataset
+        self.error_facet = error_message_run
+        self.parameters_facet = execution_parameters_run
+        self.input_statistics = input_statistics_input_dataset
+        self.output_statistics = output_statistics_output_dataset
+        self.job_type = job_type_job
+        self.parent_facet = parent_run
+        self.engine = processing_engine_run
+        self.tags_facet = tags_run
         self.nbflow_version = __version__
         #: URI of what made the events (the producer field of every event and facet): a package URL
         self.producer = f"pkg:pypi/nbflow@{__version__}"
@@ -301,14 +308,17 @@ class _OpenLineage:
 
     def dataset(self, role: str, namespace: str, name: str, *, version: str | None = None,
                 size: int | None = None) -> Any:
-        facets = {} if version is None else {
+        facets: dict[str, Any] = {} if version is None else {
             "version": self.version.DatasetVersionDatasetFacet(datasetVersion=version, producer=self.producer)}
+        stats: dict[str, Any] = {}
         if role == "input":
-            stats = {} if size is None else {"inputStatistics": self.input_statistics.InputStatisticsInputDatasetFacet(
-                size=size, producer=self.producer)}
+            if size is not None:
+                stats["inputStatistics"] = self.input_statistics.InputStatisticsInputDatasetFacet(
+                    size=size, producer=self.producer)
             return self.events.InputDataset(namespace=namespace, name=name, facets=facets, inputFacets=stats)
-        stats = {} if size is None else {"outputStatistics": self.output_statistics.OutputStatisticsOutputDatasetFacet(
-            size=size, producer=self.producer)}
+        if size is not None:
+            stats["outputStatistics"] = self.output_statistics.OutputStatisticsOutputDatasetFacet(
+                size=size, producer=self.producer)
         return self.events.OutputDataset(namespace=namespace, name=name, facets=facets, outputFacets=stats)
 
     def parent(self, *, run_uuid: str, namespace: str, pipeline: str) -> Any:
