@@ -28,7 +28,8 @@ def test_the_benchmark_runs_every_workload_in_smoke_mode(tmp_path: Path) -> None
     for workload in ("2-step chain, forced", "2-step chain p99/p50 (2 runs)", "2-step chain, all fresh: `nbflow run`",
                      "2 independent steps, -j 2", "one notebook of 5 cells", "DataFrame hand-over (10,000 rows)",
                      "6-step pipeline: `nbflow status`, never run", "6-step pipeline: `nbflow status`, all fresh",
-                     "`nbflow --help`", "`import nbflow`"):
+                     "`nbflow --help`", "`import nbflow`", "4-instance grid + fan-in, -j 2, forced",
+                     "40-instance grid: `nbflow status`, never run", "6-instance grid: `nbflow status`, all fresh"):
         assert workload in rows, f"no row {workload!r} in {sorted(rows)}"
     for command in ("import nbflow", "nbflow --help", "nbflow status", "nbflow run (all fresh)"):
         row = rows[f"imports: {command}"]
