@@ -10,9 +10,9 @@ import pytest
 
 import nbflow
 from nbflow import api
-from nbflow.events import (CellFinished, CellStarted, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled,
-                           StepError, StepFailed, StepNotRun, StepResult, StepSkipped, StepStarted, StepStatus,
-                           StepSucceeded)
+from nbflow.events import (CellFinished, CellStarted, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus,
+                           StepCancelled, StepError, StepFailed, StepNotRun, StepResult, StepSkipped, StepStarted,
+                           StepStatus, StepSucceeded)
 from nbflow.graph import build_graph
 from nbflow.plan import make_plan
 from nbflow.state import Ledger

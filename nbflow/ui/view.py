@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..events import (MASK, CellFinished, CellStarted, Event, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus,
-                      StepCancelled, StepError, StepFailed, StepNotRun, StepSkipped, StepStarted, StepStatus,
-                      StepSucceeded, WatchCycleFinished)
+from ..events import (MASK, CellFinished, CellStarted, Event, PlannedStep, RunFinished, RunResult, RunStarted,
+                      RunStatus, StepCancelled, StepError, StepFailed, StepNotRun, StepSkipped, StepStarted,
+                      StepStatus, StepSucceeded, WatchCycleFinished)
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -189,16 +189,18 @@ class RunView:
 
     def _describe(self, row: StepView) -> None:
         """What the graph declares of a step: its output files and its effective parameters."""
-        step = self.graph.steps.get(row.name) if self.graph is not None else None
-        if step is None:
+        graph = self.graph
+        step = graph.steps.get(row.name) if graph is not None else None
+        if graph is None or step is None:
             return
         from ..params import is_secret_name  # noqa: PLC0415 - only the widget gives a graph
-        root = Path(self.graph.root)
-        row.outputs = tuple(Path(os.path.relpath(ref.path, root)).as_posix() for ref in self.graph.outputs_of(row.name)
+
+        root = Path(graph.root)
+        row.outputs = tuple(Path(os.path.relpath(ref.path, root)).as_posix() for ref in graph.outputs_of(row.name)
                             if not ref.label.startswith("value "))
         values = {name: p.default for name, p in step.parameters.items() if name not in ("inputs", "outputs")}
         values.update({k: v for k, v in self._injected.get(row.name, {}).items() if k not in ("inputs", "outputs")})
-        secrets = set(getattr(self.graph.config, "secrets", ()) or ())
+        secrets = set(getattr(graph.config, "secrets", ()) or ())
         row.parameters = {k: MASK if k in secrets or is_secret_name(k) else v for k, v in values.items()}
 
     def _cell_line(self, step: str, cell: int) -> str:

@@ -251,7 +251,7 @@ class RunWidget:
             setattr(widget, name, value)
 
     def _mimebundle(self) -> dict[str, Any]:
-        bundle = self.model._repr_mimebundle_()
+        bundle: Any = self.model._repr_mimebundle_()
         data = dict(bundle[0] if isinstance(bundle, tuple) else bundle)
         data.update(self._static_bundle())
         return data
