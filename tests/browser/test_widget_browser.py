@@ -580,6 +580,19 @@ def test_cancel_button_stops_a_background_run_while_another_cell_waits(lab: Lab,
     expect(cells.nth(1).locator(".jp-InputArea-prompt")).to_have_text("[*]:")  # the kernel is busy
     expect(panel.locator(".nbflow-widget")).to_have_count(1)  # still the live widget
 
+    # folded to its summary line, it stays folded while the run updates it; Cancel stays within reach
+    view.locator("summary.nbflow-header .nbflow-title").click()
+    expect(row(panel, "total")).to_be_hidden()
+    before = view.locator(".nbflow-totals").inner_text()
+    expect(view.locator(".nbflow-totals")).not_to_have_text(before, timeout=5_000)  # updated meanwhile
+    expect(row(panel, "total")).to_be_hidden()
+    expect(view.get_by_role("button", name="Cancel")).to_be_visible()
+    box = view.bounding_box()
+    assert box is not None and box["height"] < 60, box
+    screenshot(output_area(panel), "widget-folded.png")
+    view.locator("summary.nbflow-header .nbflow-title").click()
+    expect(row(panel, "total")).to_be_visible()
+
     # a link of the live widget opens the executed notebook as a tab of this Lab
     link = row(panel, "numbers").locator("a.nbflow-link")
     expect(link).to_have_attribute("data-commandlinker-command", "docmanager:open")
