@@ -229,8 +229,8 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     Invalid pipelines raise PipelineError before any kernel starts. In
     Jupyter a live widget shows the run (display=False turns it off); while
     the cell waits, interrupting the kernel (■) cancels the run cleanly, and
-    so does the widget's Cancel button where jupyter-ui-poll can deliver its
-    click (ipykernel 6). With background=True it returns a RunHandle at once.
+    so does the widget's Cancel button (through the Jupyter server, so also
+    while the cell runs). With background=True it returns a RunHandle at once.
     `cycle` is set by `watch`: the run is one cycle of a watch, which lends its
     executor (its kernels stay warm between cycles) and learns the graph and plan.
     """
