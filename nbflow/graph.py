@@ -86,7 +86,7 @@ class Graph:
         return self.steps[name].instance_of or name
 
     def resolve_name(self, name: str) -> list[str] | None:
-        """The steps a name given by a user selects, in graph order; None when it names nothing.
+        """The steps a name given by a user selects (a grid's in its order); None when it names nothing.
 
         A step or an instance selects itself, a gridded step every instance, and
         `train[alpha=0.1]` (keys in any order, a subset of them) the instances with those values.
@@ -288,7 +288,7 @@ def _expand_grids(config: Config, given: Mapping[str, Mapping[str, Any]] | None,
         for name, settings in config.steps.items() if settings.grid is not None}
     for name, values in (given or {}).items():
         if name not in steps:
-            problems.append(Problem(f"grid={{{name!r}: ...}}: no step named {name!r}{did_you_mean(name, steps)}"))
+            problems.append(Problem(f"grid[{name!r}]: no step named {name!r}{did_you_mean(name, steps)}"))
             continue
         wanted[name] = (values, _GridSource.python(name))
     grids: dict[str, Grid] = {}
@@ -367,8 +367,13 @@ def _check_grid(config: Config, step: Step, values: Any, source: _GridSource,
             found.append(source.problem(f"{key!r} is also set in 'steps.{step.name}.parameters'; a gridded "
                                         "parameter takes its values from the grid: remove one", step, key))
             continue
-        if not isinstance(listed, (list, tuple)) or isinstance(listed, str):
+        if isinstance(listed, (str, bytes, Mapping)) or not isinstance(listed, Iterable):
             found.append(source.problem(f"the values of {key!r} must be a list, e.g. [{listed!r}]", step, key))
+            continue
+        try:  # from Python: a range, a numpy array, numpy numbers are plain lists and numbers
+            listed = [plain_value(v) for v in listed]
+        except TypeError as e:
+            found.append(source.problem(f"value {e}", step, key))
             continue
         if not listed:
             found.append(source.problem(f"the list of values of {key!r} is empty: a grid needs at least one "

@@ -273,6 +273,11 @@ def test_values_that_cannot_name_a_folder_and_p_on_a_gridded_parameter_are_error
         "`key=value` or of an instance name `step[key=value,...]`",
         "grid['prep']['n']: value 'txt' is not int like the default 10 in prep.ipynb"]]
     assert not (root / "_nbflow").exists()
+    with pytest.raises(nbflow.PipelineError) as err:
+        nbflow.Pipeline(root, grid={"trian": {"scale": [1.0]}, "train": {"scale": range(2), "power": 3}})
+    assert [str(p) for p in err.value.problems] == [
+        "grid['trian']: no step named 'trian' (did you mean 'train'?)",
+        "grid['train']['power']: the values of 'power' must be a list, e.g. [3]"]  # a range is a list of ints
 
     proc = nbflow_cli("run", str(root), "-p", "power=2", "-p", "train.scale=3", "-p", "n=3")
     assert proc.returncode == 2 and "2 problems:" in proc.stderr
