@@ -33,7 +33,7 @@ from ..errors import NbflowError, PipelineError, Problem
 from ..graph import Graph, relative_to
 from .view import NOT_STARTED, STATE_STYLES, format_duration, group_of
 
-__all__ = ["svg", "html", "mermaid", "write", "STATUS_STYLES", "SUFFIXES"]
+__all__ = ["svg", "html", "image", "mermaid", "write", "STATUS_STYLES", "SUFFIXES"]
 
 SUFFIXES = (".svg", ".png", ".html", ".mmd")
 
@@ -724,6 +724,24 @@ def html(graph: Graph, result: Any = None, links: Mapping[str, str] | None = Non
     if fit:
         text = text.replace("<svg ", f'<svg style="width:100%;max-width:{_n(sc.width)}px;height:auto" ', 1)
     return f'<div class="nbflow-graph" style="overflow-x:auto;max-width:100%">{text}</div>'
+
+
+def image(graph: Graph, result: Any = None) -> str:
+    """The graph as an <img> of an inline SVG on a white card, shrinking to the width it is given.
+
+    For HTML that a viewer may sanitize (JupyterLab with an untrusted notebook drops inline SVG and
+    leaves its text behind; an image passes, and stays readable in a dark theme).
+    """
+    import base64  # noqa: PLC0415
+
+    sc = scene(graph, result)
+    text = _render_svg(sc)
+    card = f'<rect width="{_n(sc.width)}" height="{_n(sc.height)}" rx="6" fill="#ffffff"/>'
+    text = re.sub(r"(<svg [^>]*>)", lambda m: m.group(1) + card, text, count=1)
+    text = text.replace(_LEGEND_TEXT, _fallback(_LEGEND_TEXT))  # an image has no theme to follow
+    data = base64.b64encode(text.encode("utf-8")).decode("ascii")
+    return (f'<div class="nbflow-graph"><img alt="the pipeline graph" src="data:image/svg+xml;base64,{data}" '
+            f'style="width:100%;max-width:{_n(sc.width)}px;height:auto"></div>')
 
 
 

@@ -437,12 +437,11 @@ class RunWidget:
         return (f'<div class="nbflow-error" style="border-left:4px solid {STATE_STYLES[StepStatus.FAILED].colour}">'
                 f'<div class="nbflow-what" style="color:{ERROR_RED}">{what}</div>{where}{traceback}</div>')
 
-    def _graph_html(self, links: bool = True) -> str:
-        """The graph; with `links`, each step's box opens its executed notebook (the live widget only:
-        JupyterLab's renderer of plain HTML outputs cannot handle links inside an SVG)."""
+    def _graph_html(self) -> str:
+        """The live graph: inline SVG whose boxes open the executed notebooks."""
         from . import plot  # noqa: PLC0415
 
-        urls = {r.name: self.href(r.notebook) for r in self.rows.values() if r.notebook} if links else {}
+        urls = {r.name: self.href(r.notebook) for r in self.rows.values() if r.notebook}
         return plot.html(self.graph, self._statuses(), urls, fit=True)
 
     def _statuses(self) -> Any:
@@ -454,8 +453,11 @@ class RunWidget:
         return _Snapshot(steps)
 
     def static_html(self) -> str:
-        """The run for viewers without the widget: the same HTML, the graph in place, its style inline."""
-        body = self.body_html(graph=self._graph_html(links=False))
+        """The run for viewers without the widget: the same HTML, its style inline, the graph as an image
+        (a sanitizing viewer keeps an image and drops inline SVG)."""
+        from . import plot  # noqa: PLC0415
+
+        body = self.body_html(graph=plot.image(self.graph, self._statuses()))
         return f'<div class="nbflow-run-static"><style>{CSS}</style>{body}</div>'
 
     def static_text(self) -> str:
