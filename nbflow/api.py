@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
+from . import stores
+from .config import load_config
 from .errors import PipelineError, PipelineLocked, Problem
 from .events import Listener, RunResult
 from .graph import STATE_DIR, Graph, build_graph, resolve_parameters
@@ -543,7 +545,8 @@ def lineage(pipeline: str | os.PathLike, path: str | os.PathLike) -> dict[str, A
 
     with read_ledger(pipeline) as ledger:
         root = ledger.root
-        rel = Path(os.path.relpath(Path(path).absolute(), root)).as_posix()
+        url = stores.is_url(os.fspath(path))
+        rel = stores.normalise(os.fspath(path)) if url else Path(os.path.relpath(Path(path).absolute(), root)).as_posix()
 
         def made(rel_path: str, seen: frozenset[str]) -> dict[str, Any] | None:
             info = ledger.lineage(rel_path)
@@ -557,8 +560,12 @@ def lineage(pipeline: str | os.PathLike, path: str | os.PathLike) -> dict[str, A
     if info is None:
         raise CommandError(f"{rel}: no successful run recorded this file as an output (source data, or never "
                            "made by a step of this pipeline)")
-    full = root / rel
     info["path"] = rel
+    if url:  # the object's identity in its store now (its ETag), against the one recorded
+        now = stores.identity(rel, load_config(root).storage)
+        info["current_matches"] = now is not None and now[0] == info["sha256"]
+        return info
+    full = root / rel
     info["current_matches"] = full.is_file() and sha256_file(full) == info["sha256"]
     return info
 

@@ -40,6 +40,7 @@ _TOP_KEYS: dict[str, tuple[type, ...]] = {
     "env": (dict,),
     "fingerprint": (dict,),
     "openlineage": (bool, dict),
+    "storage": (dict,),
 }
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", list: "a list",
                dict: "a mapping", bool: "true or false", type(None): "null"}
@@ -94,6 +95,8 @@ class Config:
     fingerprint_packages: bool = False  # `fingerprint: {packages: true}`: package versions count too
     # `openlineage: true` or {namespace, transport}: lineage events (ui/openlineage.py); None: not in the file
     openlineage: bool | dict[str, Any] | None = None
+    # `storage: {s3: {endpoint_url: ...}}`: fsspec options per protocol for declared URLs (stores.py); no credentials
+    storage: dict[str, dict[str, Any]] = field(default_factory=dict)
     # for_step's answers by settings name: asked several times for each of thousands of grid instances
     _merged: dict[str, StepSettings] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -261,7 +264,26 @@ class _Reader:
             env={k: str(v) for k, v in top.get("env", {}).items()},
             fingerprint_packages=self.fingerprint_options(top.get("fingerprint", {})),
             openlineage=self.openlineage_options(top.get("openlineage")),
+            storage=self.storage_options(top.get("storage", {})),
         )
+
+    def storage_options(self, raw: dict) -> dict[str, dict[str, Any]]:
+        """`storage:` per protocol: options handed to fsspec (endpoint, region, anonymous access), never secrets."""
+        storage: dict[str, dict[str, Any]] = {}
+        for protocol, options in raw.items():
+            if not isinstance(options, dict):
+                self.problem(f"'storage.{protocol}' must be a mapping of fsspec options, like {{endpoint_url: ...}}",
+                             "storage", str(protocol))
+                continue
+            secret = [k for k in options if any(w in str(k).lower() for w in ("secret", "password", "token", "key"))
+                      and str(k) not in ("requester_pays",)]
+            if secret:
+                self.problem(f"'storage.{protocol}.{secret[0]}' looks like a credential; credentials come only from "
+                             "the environment or the store's own config files, never from nbflow.yaml",
+                             "storage", str(protocol), str(secret[0]))
+                continue
+            storage[str(protocol).lower()] = dict(options)
+        return storage
 
     def fingerprint_options(self, raw: dict) -> bool:
         good = self.check(raw, {"packages": (bool,)}, ("fingerprint",))

@@ -23,6 +23,7 @@ import time
 from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
+from . import stores
 from .errors import StateError
 from .grid import folded, partition
 from .events import (Event, Listener, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled, StepFailed,
@@ -243,8 +244,9 @@ class Runner:
         name = outcome.step
         prev = self.results[name]
         if outcome.status == StepStatus.SUCCEEDED:
-            inputs = self.ledger.file_records(self.graph.inputs_of(name))
-            outputs = self.ledger.file_records(self.graph.outputs_of(name))
+            storage = self.graph.config.storage
+            inputs = self.ledger.file_records(self.graph.inputs_of(name), storage)
+            outputs = self.ledger.file_records(self.graph.outputs_of(name), storage)
             parts = self._parts[name]
             self.emit(StepSucceeded(name, outcome.attempt, outcome.duration_s, outcome.notebook or "",
                                     fingerprint(parts), parts, jsonable(self.plan.parameters[name]),
@@ -267,7 +269,7 @@ class Runner:
                 error = replace(error, evalue=error.evalue + hint)
                 outcome = replace(outcome, error=error)
         will_retry = (outcome.attempt <= settings.retries and not self.cancelled
-                      and error.kind not in ("kernel_start",))
+                      and error.kind not in ("kernel_start", "not_here"))
         delay = settings.retry_delay * (2 ** (outcome.attempt - 1)) if will_retry else 0.0
         self.emit(StepFailed(name, outcome.attempt, outcome.duration_s, outcome.notebook, error,
                              will_retry, delay, jsonable(self.plan.parameters[name]), outcome.started_at))
@@ -319,7 +321,9 @@ class Runner:
         step = graph.steps[name]
         settings = graph.config.for_step(name)
         layout = StateLayout(graph.root)
-        env = {**self.plan.env.get(name, {}), "NBFLOW_VALUES_DIR": str(layout.values_dir),
+        # `storage:` reaches the step's own fsspec (pandas, pyarrow) as fsspec's configuration variables
+        env = {**stores.fsspec_env(graph.config.storage), **self.plan.env.get(name, {}),
+               "NBFLOW_VALUES_DIR": str(layout.values_dir),
                "NBFLOW_PYTHONPATH": os.pathsep.join(str(p) for p in graph.python_path()),
                "NBFLOW_RUN_ID": self.run_id, "NBFLOW_STEP": name, "NBFLOW_PIPELINE": str(graph.root)}
         if step.grid:  # nbflow.glue in an instance publishes under its partition folders
@@ -331,9 +335,10 @@ class Runner:
             parameters=self.plan.parameters[name],
             parameters_cell=step.parameters_cell, kernel=kernel_of(graph, name), language=step.language,
             outputs=tuple((ref.label, str(ref.path)) for ref in graph.outputs_of(name)), env=env,
+            inputs=tuple((ref.label, str(ref.path)) for ref in graph.inputs_of(name)),
             timeout=settings.timeout, cell_timeout=settings.cell_timeout, retries=settings.retries,
             use_forkserver=self.settings.forkserver, forkserver_off=self.settings.forkserver_off,
-            reasons=self.results[name].reasons)
+            reasons=self.results[name].reasons, storage=graph.config.storage)
 
     def _drain_after_error(self) -> None:
         """After a cancel caused by an error, wait for running steps to save their notebooks."""

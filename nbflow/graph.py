@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from . import stores
 from .config import CONFIG_NAME, Config, load_config
 from .errors import PipelineError, Problem, did_you_mean
 from .grid import (MAX_NAME_BYTES, Grid, LeftBehind, expand, format_value, injected_outputs, instance_name,
@@ -34,7 +35,7 @@ class FileRef:
     """A file a step reads or writes: how the step names it, and where it is."""
 
     label: str  # as declared ("../data/x.csv") or "value best_month"
-    path: Path  # absolute, normalised
+    path: Path | str  # absolute, normalised; a URL (`s3://bucket/key`, see stores.normalise) is a str
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Graph:
     upstream: dict[str, tuple[str, ...]]
     order: tuple[str, ...]  # a topological order, ties broken by name
     value_producers: dict[str, str] = field(default_factory=dict)  # a gridded producer: its base name
-    produced: frozenset[Path] = frozenset()  # input paths that some step writes (or writes inside)
+    produced: frozenset[Path | str] = frozenset()  # input paths that some step writes (or writes inside)
     grids: dict[str, Grid] = field(default_factory=dict)  # gridded steps by base name; `steps` has the instances
 
     @property
@@ -425,16 +426,17 @@ def _read_steps(root: Path, config: Config, problems: list[Problem], nested: lis
 
 
 def _producers(root: Path, steps: dict[str, Step], problems: list[Problem]
-               ) -> tuple[dict[Path, str], dict[str, str]]:
+               ) -> tuple[dict[Path | str, str], dict[str, str]]:
     """Who writes each output path and publishes each value; one producer each, none inside `_nbflow/`."""
-    producers: dict[Path, str] = {}
+    producers: dict[Path | str, str] = {}
     value_producers: dict[str, str] = {}
     state_dir = Path(os.path.realpath(root / STATE_DIR))
     real_paths: dict[Path, Path] = {}
     inside_state_dir = os.path.join(state_dir, "")
     for name, step in steps.items():
         for label, path in step.output_paths():
-            real = _realpath(path, real_paths)  # a symlink must not lead an output into the ledger's folder
+            # a symlink must not lead an output into the ledger's folder
+            real = _realpath(path, real_paths) if isinstance(path, Path) else path
             if real == state_dir or str(real).startswith(inside_state_dir):
                 via = f" (through a symlink, it is {real})" if real != path else ""
                 problems.append(Problem(f"output {label!r} is inside {STATE_DIR}/{via}, which nbflow owns; write it "
@@ -465,8 +467,8 @@ def _realpath(path: Path, known: dict[Path, Path]) -> Path:
     return found
 
 
-def _edges(root: Path, steps: dict[str, Step], producers: dict[Path, str], value_producers: dict[str, str],
-           grids: dict[str, Grid], problems: list[Problem]) -> tuple[dict[str, tuple[str, ...]], set[Path]]:
+def _edges(root: Path, steps: dict[str, Step], producers: dict[Path | str, str], value_producers: dict[str, str],
+           grids: dict[str, Grid], problems: list[Problem]) -> tuple[dict[str, tuple[str, ...]], set[Path | str]]:
     """Each step's upstream steps, and the input paths that some step produces.
 
     B depends on A when B reads a path A writes, a path inside a folder A
@@ -475,22 +477,22 @@ def _edges(root: Path, steps: dict[str, Step], producers: dict[Path, str], value
     writes, is a problem that names the folder to read instead.
     """
     upstream: dict[str, tuple[str, ...]] = {}
-    produced: set[Path] = set()
+    produced: set[Path | str] = set()
     plain = {path: (base, declared) for base, grid in grids.items() for declared, path in grid.step.output_paths()
              if not is_folder_path(declared)}
     for name, step in steps.items():
         ups = set()
         for label, path in step.input_paths():
-            writers = {producers[p] for p in (path, *path.parents) if p in producers}
+            writers = {producers[p] for p in (path, *folders_of(path)) if p in producers}
             if is_folder_path(label):
-                inside = os.path.join(str(path), "")
+                inside = str(path).rstrip("/") + "/" if isinstance(path, str) else os.path.join(str(path), "")
                 writers |= {w for p, w in producers.items() if str(p).startswith(inside)}
             if name in writers:
                 problems.append(Problem(f"reads {relative_to(path, root)}, which it also writes", file=step.rel_path))
                 writers.discard(name)
             if not writers and path in plain and plain[path][0] != (step.instance_of or name):
                 base, declared = plain[path]
-                folder = relative_to(path.parent, step.folder)
+                folder = relative_to(folders_of(path)[0], step.folder)
                 problem = Problem(
                     f"reads {label}, the output path of gridded step {base!r} as its notebook declares it, but each "
                     f"instance writes its own file under partition folders ({_example_path(grids[base], declared)}); "
@@ -529,7 +531,8 @@ def _read_from_not_steps(steps: dict[str, Step], not_steps: list[NotAStep]) -> l
     for nb in not_steps:
         for _, out in nb.output_paths():
             reader = next((name for name, step in steps.items() for label, path in step.input_paths()
-                           if path == out or out in path.parents or (is_folder_path(label) and path in out.parents)),
+                           if path == out or out in folders_of(path)
+                           or (is_folder_path(label) and path in folders_of(out))),
                           None)
             if reader is not None:
                 found.append((nb, reader, out))
@@ -582,8 +585,15 @@ def _stable_order(sorter: graphlib.TopologicalSorter, key) -> list[str]:
     return order
 
 
-def relative_to(path: Path, root: Path) -> str:
-    """`path` as seen from the pipeline folder `root` (posix; with `..` when outside it)."""
+def folders_of(path: Path | str) -> list[Path | str]:
+    """The folders a path or a URL lies in, nearest first (`Path.parents`, or `stores.parents` of a URL)."""
+    return list(path.parents) if isinstance(path, Path) else list(stores.parents(path))
+
+
+def relative_to(path: Path | str, root: Path) -> str:
+    """`path` as seen from the pipeline folder `root` (posix; with `..` when outside it); a URL as it is."""
+    if isinstance(path, str):
+        return path
     try:
         return path.relative_to(root).as_posix()
     except ValueError:

@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import stores
 from .errors import PipelineError, Problem
 from .imports import imported_names
 
@@ -65,23 +66,27 @@ class Step:
     def folder(self) -> Path:
         return self.path.parent
 
-    def resolve(self, relative: str) -> Path:
-        """Absolute, normalised path of a declared path (relative to the notebook's folder)."""
+    def resolve(self, relative: str) -> Path | str:
+        """Absolute, normalised path of a declared path (relative to the notebook's folder); a URL normalised."""
+        if "://" in relative:
+            if stores.is_url(relative):
+                return stores.normalise(relative)
+            relative = stores.local_path_of(relative)
         return Path(os.path.normpath(os.path.join(self.path.parent, relative)))
 
-    def input_paths(self) -> list[tuple[str, Path]]:
+    def input_paths(self) -> list[tuple[str, Path | str]]:
         return list(self._input_paths)
 
-    def output_paths(self) -> list[tuple[str, Path]]:
+    def output_paths(self) -> list[tuple[str, Path | str]]:
         return list(self._output_paths)
 
     # Resolved once per Step: graph building and planning ask for them thousands of times in a large pipeline.
     @cached_property
-    def _input_paths(self) -> tuple[tuple[str, Path], ...]:
+    def _input_paths(self) -> tuple[tuple[str, Path | str], ...]:
         return tuple((p, self.resolve(p)) for paths in self.inputs.values() for p in paths)
 
     @cached_property
-    def _output_paths(self) -> tuple[tuple[str, Path], ...]:
+    def _output_paths(self) -> tuple[tuple[str, Path | str], ...]:
         return tuple((p, self.resolve(p)) for paths in self.outputs.values() for p in paths)
 
 
@@ -97,8 +102,9 @@ class NotAStep:
     declaring_cell: int | None = None
     outputs: tuple[str, ...] = ()
 
-    def output_paths(self) -> list[tuple[str, Path]]:
-        return [(p, Path(os.path.normpath(self.path.parent / p))) for p in self.outputs]
+    def output_paths(self) -> list[tuple[str, Path | str]]:
+        return [(p, stores.normalise(p) if stores.is_url(p) else Path(os.path.normpath(self.path.parent / p)))
+                for p in self.outputs]
 
 
 def step_name(path: Path, root: Path) -> str:

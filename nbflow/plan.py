@@ -9,9 +9,10 @@ starts. Must not execute anything.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
+from . import stores
 from .errors import PipelineError, Problem, did_you_mean
 from .events import PlannedStep
 from .graph import Graph, lost_step_problem, resolve_parameters, secret_environment, select_steps
@@ -113,9 +114,24 @@ def missing_inputs(graph: Graph, names: Iterable[str]) -> list[Problem]:
     for name in names:
         step = graph.steps[name]
         for ref in graph.source_inputs(name):
+            if isinstance(ref.path, str):  # a URL: asked of its store (a store that cannot be asked says why)
+                try:
+                    there = stores.identity(ref.path, graph.config.storage) is not None
+                except PipelineError as e:
+                    problems += [replace(p, file=step.rel_path, step=step.instance_of or name) for p in e.problems
+                                 if replace(p, file=step.rel_path, step=step.instance_of or name) not in problems]
+                    continue
+                if not there:
+                    problem = Problem(f"step {step.instance_of or name!r} reads {ref.label}, which does not exist and "
+                                      "no step writes it; create the object or fix the URL in `inputs`",
+                                      file=step.rel_path, line=step.declaration_lines.get("inputs"),
+                                      step=step.instance_of or name)
+                    if problem not in problems:
+                        problems.append(problem)
+                continue
             if not os.path.exists(ref.path) and ref.path not in gridded:  # graph.py names the folder to read
-                written = [os.path.relpath(out.path, step.folder) for s in graph.steps for out in graph.outputs_of(s)
-                           if not out.label.startswith("value ")]
+                written = [out.label if isinstance(out.path, str) else os.path.relpath(out.path, step.folder)
+                           for s in graph.steps for out in graph.outputs_of(s) if not out.label.startswith("value ")]
                 reader = step.instance_of or name  # every instance reads the same: one problem
                 problem = Problem(
                     f"step {reader!r} reads {ref.label}, which does not exist and no step writes it"
@@ -138,7 +154,8 @@ def unmade_inputs(plan: Plan) -> list[Problem]:
                 continue
             written = {ref.path for ref in graph.outputs_of(up)}
             for ref in graph.inputs_of(name):
-                if ref.path in written and not os.path.exists(ref.path):
+                if ref.path in written and not (stores.identity(ref.path, graph.config.storage) is not None
+                                                if isinstance(ref.path, str) else os.path.exists(ref.path)):
                     problems.append(Problem(
                         f"step {name!r} reads {ref.label}, which step {up!r} writes, but it does not exist yet "
                         f"and --only does not run {up!r}; run without --only, or run {up!r} first",

@@ -20,8 +20,9 @@ import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
+from . import stores
 from .errors import LedgerDamaged, PipelineError, PipelineLocked, Problem, StateError
 from .events import (Event, FileRecord, RunFinished, RunStarted, RunStatus, StepCancelled, StepFailed,
                      StepNotRun, StepSkipped, StepStarted, StepSucceeded)
@@ -156,7 +157,10 @@ class Ledger:
         self.conn.close()
 
     # -- files -------------------------------------------------------------------
-    def rel(self, path: Path) -> str:
+    def rel(self, path: Path | str) -> str:
+        """A path as the ledger records it: relative to the pipeline folder; a URL as it is."""
+        if isinstance(path, str) and stores.is_url(path):
+            return path
         text = os.fspath(path)
         if text.startswith(self._root_prefix):  # the usual case, without pathlib's cost
             return text[len(self._root_prefix):].replace(os.sep, "/")
@@ -184,13 +188,18 @@ class Ledger:
         if isinstance(self._hashes, dict):
             self._hashes.update(unsaved)
 
-    def file_hash(self, path: Path) -> tuple[str, int] | None:
+    def file_hash(self, path: Path | str, storage: Mapping[str, Mapping[str, Any]] | None = None
+                  ) -> tuple[str, int] | None:
         """(sha256, size) of a file or a folder, or None when it does not exist.
 
         A folder's hash covers the names and contents of every file below it
         (see `tree`). Files are hashed once per (size, mtime_ns). Anything that
         is neither (a FIFO, a device) is a PipelineError: reading it could hang.
+        A URL's identity comes from the store's metadata (`etag:...`, see
+        stores.identity; `storage` is nbflow.yaml's options), never from its bytes.
         """
+        if isinstance(path, str):
+            return stores.identity(path, storage)
         try:
             st = os.stat(path)
         except OSError:
@@ -213,8 +222,11 @@ class Ledger:
         self._unsaved_hashes[key] = (st.st_size, st.st_mtime_ns, digest)
         return digest, st.st_size
 
-    def tree(self, folder: Path) -> dict[str, tuple[str, int]]:
+    def tree(self, folder: Path | str, storage: Mapping[str, Mapping[str, Any]] | None = None
+             ) -> dict[str, tuple[str, int]]:
         """Every file below `folder` (relative posix path -> (sha256, size)), sorted by path."""
+        if isinstance(folder, str):
+            return stores.tree(folder, storage)
         files: dict[str, tuple[str, int]] = {}
         for current, dirs, names in os.walk(folder):
             dirs.sort()
@@ -225,10 +237,11 @@ class Ledger:
                     files[Path(os.path.relpath(path, folder)).as_posix()] = hashed
         return dict(sorted(files.items()))
 
-    def file_records(self, refs: list[FileRef]) -> tuple[FileRecord, ...]:
+    def file_records(self, refs: list[FileRef], storage: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> tuple[FileRecord, ...]:
         records = []
         for ref in refs:
-            hashed = self.file_hash(ref.path)
+            hashed = self.file_hash(ref.path, storage)
             if hashed is not None:
                 records.append(FileRecord(ref.label, self.rel(ref.path), hashed[0], hashed[1]))
         return tuple(records)
@@ -541,10 +554,10 @@ def fingerprint_parts(graph: Graph, name: str, parameters: dict[str, Any], ledge
     folders: dict[str, dict[str, str]] = {}
     try:
         for ref in graph.inputs_of(name):
-            hashed = ledger.file_hash(ref.path)
+            hashed = ledger.file_hash(ref.path, graph.config.storage)
             inputs[ref.label] = hashed[0] if hashed else None
             if hashed and hashed[0].startswith("tree:"):
-                folders[ref.label] = {rel: sha for rel, (sha, _) in ledger.tree(ref.path).items()}
+                folders[ref.label] = {rel: sha for rel, (sha, _) in ledger.tree(ref.path, graph.config.storage).items()}
     except PipelineError as e:
         raise PipelineError([replace(p, file=step.rel_path, step=name) for p in e.problems]) from None
     parts = {"cells": [list(c) for c in step.cell_hashes], "parameters": effective, "kernel": kernel or step.kernel,
@@ -660,7 +673,8 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
         if old.get("outputs") != parts["outputs"]:
             reasons.append("declared outputs changed")
         for rec in last["outputs"]:
-            hashed = ledger.file_hash(ledger.root / rec.path)
+            hashed = ledger.file_hash(rec.path if stores.is_url(rec.path) else ledger.root / rec.path,
+                                      graph.config.storage)
             if hashed is None:
                 reasons.append(f"output {rec.label} missing")
             elif hashed[0] != rec.sha256:

@@ -36,7 +36,7 @@ class StepTask:
     parameters_cell: int
     kernel: str
     language: str
-    outputs: tuple[tuple[str, str], ...]  # (label, absolute path)
+    outputs: tuple[tuple[str, str], ...]  # (label, absolute path or normalised URL)
     env: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None
     cell_timeout: float | None = None
@@ -44,6 +44,8 @@ class StepTask:
     use_forkserver: bool = True  # RunSettings.forkserver
     forkserver_off: str | None = None  # what turned it off
     reasons: tuple[str, ...] = ()
+    storage: dict[str, dict[str, Any]] = field(default_factory=dict)  # nbflow.yaml's `storage:`, for URL outputs
+    inputs: tuple[tuple[str, str], ...] = ()  # (label, absolute path or normalised URL): a worker checks it sees them
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class StepOutcome:
     notebook: str | None  # relative to the pipeline folder; None if nothing could be written
     error: StepError | None = None
     kernel_mode: str | None = None
+    worker: str | None = None  # the dask worker it ran on; None on this machine
 
 
 Emit = Callable[[Event], None]

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import executed
+from .. import executed, stores
+from ..errors import PipelineError
 from ..events import CellFinished, CellStarted, StepStarted, StepStatus
 from ..events import StepError as _StepError
 from ..notebook import load_notebook_json
@@ -59,13 +60,22 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
     return attempt.outcome(notebook)
 
 
+def blocked_outcome(task: StepTask, emit: Emit, message: str) -> StepOutcome:
+    """An attempt that cannot run where it is (a worker without the step's files): failed before any kernel."""
+    started = time.time()
+    emit(StepStarted(task.step, task.attempt, "", 0, started, task.reasons))
+    return StepOutcome(task.step, task.attempt, StepStatus.FAILED, started, time.time() - started, None,
+                       _StepError("not_here", "StepNotRunnableHere", message))
+
+
 class _Attempt:
     """One attempt of one step: the executed notebook being filled, the cell it is in, how it ended."""
 
     def __init__(self, task: StepTask, emit: Emit):
         self.task, self.emit = task, emit
         self.started_at = time.time()
-        self.before = {path: _identity(path) for _, path in task.outputs}  # a fresh write vs a stale file
+        # a fresh write vs a stale file (an object's ETag: a URL output is asked of its store)
+        self.before = {path: _identity(path, task.storage, quiet=True) for _, path in task.outputs}
         self.executed_path = Path(task.executed)
         self.rel_executed = self.executed_path.relative_to(Path(task.root)).as_posix()
         source = load_notebook_json(Path(task.source), task.rel_source)
@@ -163,11 +173,17 @@ class _Attempt:
         """A step that ran through fails when a declared output is missing, odd, or from before the run."""
         if self.status != StepStatus.SUCCEEDED:
             return
-        outputs = self.task.outputs
-        missing = [label for label, path in outputs if not os.path.exists(path)]
+        outputs, storage = self.task.outputs, self.task.storage
+        try:
+            now = {path: _identity(path, storage) for _, path in outputs}
+        except PipelineError as e:
+            self.status, self.error = StepStatus.FAILED, self.error_of(
+                "missing_output", "MissingOutput", "cannot check the declared outputs: " + str(e).strip())
+            return
+        missing = [label for label, path in outputs if now[path] is None]
         odd = [f"{label} is {kind}" for label, path in outputs if (kind := _odd_kind(path))]
         stale = [label for label, path in outputs
-                 if label not in missing and self.before[path] is not None and _identity(path) == self.before[path]]
+                 if label not in missing and self.before[path] is not None and now[path] == self.before[path]]
         message = None
         if odd:
             message = ("declared output " + ", ".join(odd) + ", not a regular file or folder; nbflow hashes "
@@ -267,12 +283,21 @@ def _failing_line(nb, i: int | None, traceback: str) -> str | None:
     return _first_line(nb, i)
 
 
-def _identity(path: str) -> tuple | None:
+def _identity(path: str, storage: dict | None = None, quiet: bool = False) -> tuple | None:
     """What changes whenever a file or a folder is written or replaced; None if absent.
 
     (inode, size, mtime_ns) of a file; of a folder, that of every entry below
     it (a file rewritten in place inside it does not change the folder's own mtime).
+    Of a URL, its identity in the store (stores.identity: ETag and size); a store
+    that cannot be asked raises PipelineError, or gives None when `quiet`.
     """
+    if stores.is_url(path):
+        try:
+            return stores.identity(path, storage)
+        except PipelineError:
+            if quiet:
+                return None
+            raise
     try:
         st = os.stat(path)
     except OSError:
