@@ -27,6 +27,11 @@ Protocol (one Unix-socket connection per kernel, JSON lines):
   driver -> server  {"argv": [python, "-m", "ipykernel_launcher", ...], "cwd": ..., "env": {...}}
   server -> driver  {"pid": 1234}            or {"error": "..."}
   server -> driver  {"exit": returncode}     when the kernel process has exited
+A *warm* fork (``"warm": true`` in the request) initialises its kernel (sockets bound, shell made) and then
+waits, before its event loop starts and before its start-up files and extensions run, for the driver's
+second line, ``{"cwd": ..., "env": {...}}``, which the server passes on: only then does it take that
+directory and environment and start serving. So a pool can keep a kernel nearly ready without knowing
+which step (directory, NBFLOW_* variables) it will be for.
 The kernel lives as long as its connection: when the driver closes it (or dies),
 the server SIGKILLs the kernel's process group. When the driver's pipe to the
 server's stdin closes (driver exit, even by SIGKILL) the server kills every
@@ -206,6 +211,11 @@ class ForkedKernel:
         """Drop the connection; the server kills the kernel's process group if it still runs."""
         self._sock.close()
 
+    async def specialize(self, cwd: str, env: Mapping[str, str]) -> None:
+        """Give a warm fork its directory and environment: it takes them and starts serving."""
+        line = json.dumps({"cwd": cwd, "env": dict(env)}).encode() + b"\n"
+        await asyncio.get_running_loop().sock_sendall(self._sock, line)
+
     def _feed(self, chunk: bytes) -> None:
         if not chunk:
             # The server is gone; it killed its kernels on the way out (or, if it
@@ -281,11 +291,19 @@ class ForkServer:
             )
         return None
 
-    async def fork_kernel(self, argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> ForkedKernel:
-        """Fork a kernel running ``argv`` (``python -m ipykernel_launcher ...``) in ``cwd`` with ``env``."""
+    async def fork_kernel(self, argv: Sequence[str], cwd: str, env: Mapping[str, str], *,
+                          warm: bool = False) -> ForkedKernel:
+        """Fork a kernel running ``argv`` (``python -m ipykernel_launcher ...``) in ``cwd`` with ``env``.
+
+        ``warm``: the kernel initialises and then waits for :meth:`ForkedKernel.specialize` (its real
+        directory and environment) before it serves.
+        """
         self.start()
         assert self._socket_path is not None
-        request = json.dumps({"argv": list(argv), "cwd": cwd, "env": dict(env)}).encode() + b"\n"
+        message: dict[str, Any] = {"argv": list(argv), "cwd": cwd, "env": dict(env)}
+        if warm:
+            message["warm"] = True
+        request = json.dumps(message).encode() + b"\n"
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -387,6 +405,7 @@ class ForkServerProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     fork_server: ForkServer | None = None
     forked: ForkedKernel | None = None
+    warm: bool = False  # launch a warm fork: it waits for specialize() before it serves
 
     @property
     def has_process(self) -> bool:
@@ -403,10 +422,18 @@ class ForkServerProvisioner(LocalProvisioner):  # type: ignore[misc]
         if reason is not None:
             raise ForkServerError(reason)
         cwd = str(kwargs.get("cwd") or os.getcwd())
-        self.forked = await self.fork_server.fork_kernel(cmd, cwd, env)
+        self.forked = await self.fork_server.fork_kernel(cmd, cwd, env, warm=self.warm)
         self.pid = self.pgid = self.forked.pid
         self.cwd = cwd
         return self.connection_info
+
+    async def specialize(self, cwd: str, env: Mapping[str, str]) -> None:
+        """A warm fork's real directory and environment (JPY_PARENT_PID set as for a launch)."""
+        if self.forked is None or not self.warm:
+            raise ForkServerError("not a warm fork")
+        env = {**env, "JPY_PARENT_PID": str(os.getpid())}
+        await self.forked.specialize(cwd, env)
+        self.cwd = cwd
 
     async def poll(self) -> int | None:
         return 0 if self.forked is None else self.forked.poll()
@@ -502,6 +529,8 @@ class _Server:
         self._selector = selectors.DefaultSelector()
         self._requests: dict[socket.socket, bytes] = {}  # connection -> bytes read so far
         self._kernels: dict[int, socket.socket | None] = {}  # pid -> its connection, if open
+        # warm forks not yet specialized: connection -> (write end of the child's pipe, bytes read so far)
+        self._waiting: dict[socket.socket, tuple[int, bytes]] = {}
         self._wake_read, self._wake_write = os.pipe()
         self._running = True
 
@@ -564,6 +593,8 @@ class _Server:
             if b"\n" in buffer:
                 del self._requests[connection]
                 self._fork(connection, buffer.split(b"\n", 1)[0])
+        elif chunk and connection in self._waiting:
+            self._pass_on(connection, chunk)
         elif not chunk:
             # The driver let go of this kernel: kill it with everything it spawned.
             for pid, kernel_connection in self._kernels.items():
@@ -581,6 +612,7 @@ class _Server:
             argv = [str(arg) for arg in request["argv"]]
             cwd = str(request["cwd"])
             env = {str(name): str(value) for name, value in request["env"].items()}
+            warm = bool(request.get("warm"))
             if len(argv) < 3 or argv[1] != "-m" or argv[2] not in KERNEL_MODULES:
                 raise ValueError(f"not an ipykernel command line: {argv}")
         except (ValueError, KeyError, TypeError, AttributeError) as error:
@@ -590,16 +622,44 @@ class _Server:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
+        later_r, later_w = os.pipe() if warm else (-1, -1)
         try:
             pid = os.fork()
         except OSError as error:
+            if warm:
+                os.close(later_r)
+                os.close(later_w)
             self._send(connection, {"error": f"fork failed: {error}"})
             self._drop(connection)
             return
         if pid == 0:
-            self._become_kernel(connection, argv, cwd, env)  # never returns
+            if warm:
+                os.close(later_w)
+            self._become_kernel(connection, argv, cwd, env, later_r)  # never returns
+        if warm:
+            os.close(later_r)
+            self._waiting[connection] = (later_w, b"")
         self._kernels[pid] = connection
         self._send(connection, {"pid": pid})
+
+    def _pass_on(self, connection: socket.socket, chunk: bytes) -> None:
+        """A warm fork's directory and environment, from the driver: written to the fork's pipe once whole."""
+        write_end, buffer = self._waiting[connection]
+        buffer += chunk
+        if b"\n" not in buffer:
+            self._waiting[connection] = (write_end, buffer)
+            return
+        del self._waiting[connection]
+        line = buffer.split(b"\n", 1)[0] + b"\n"
+        try:
+            os.set_blocking(write_end, True)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(write_end, view):]
+        except OSError:
+            pass  # the fork died meanwhile: its exit is reported as for any kernel
+        finally:
+            os.close(write_end)
 
     def _reap(self) -> None:
         while True:
@@ -615,6 +675,9 @@ class _Server:
                 self._drop(connection)
 
     def _kill_all(self) -> None:
+        for write_end, _ in self._waiting.values():
+            os.close(write_end)
+        self._waiting.clear()
         for pid in self._kernels:
             _kill_group(pid)
         for pid in list(self._kernels):
@@ -639,14 +702,18 @@ class _Server:
 
     def _drop(self, connection: socket.socket) -> None:
         self._requests.pop(connection, None)
+        waiting = self._waiting.pop(connection, None)
+        if waiting is not None:
+            os.close(waiting[0])  # the warm fork reads EOF and exits
         self._selector.unregister(connection)
         connection.close()
 
     # -- in the forked child --------------------------------------------------
 
     def _become_kernel(
-        self, connection: socket.socket, argv: list[str], cwd: str, env: dict[str, str]
+        self, connection: socket.socket, argv: list[str], cwd: str, env: dict[str, str], later: int = -1
     ) -> None:
+        """In the forked child: become the kernel (a warm fork reads its directory and environment from `later`)."""
         code: Any = 1
         try:
             os.setsid()  # own process group: interrupts and kills reach the kernel and its children
@@ -656,7 +723,10 @@ class _Server:
             connection.close()
             self._leave_server()
             _prepare_process(cwd, {**self._env_from_imports, **env}, self._base_path)
-            code = _run_kernel_app(argv, parent_pid=self._pid)
+            if later == -1:
+                code = _run_kernel_app(argv, parent_pid=self._pid)
+            else:
+                code = _run_warm_kernel_app(argv, self._pid, later, self._env_from_imports, self._base_path)
         except SystemExit as exit_:
             code = exit_.code
         except BaseException:  # noqa: BLE001 - whatever happens, the child must end in os._exit
@@ -675,6 +745,8 @@ class _Server:
         self._listener.close()
         for connection in [*self._requests, *filter(None, self._kernels.values())]:
             connection.close()
+        for write_end, _ in self._waiting.values():
+            os.close(write_end)  # another warm fork's: only the server may hold it, or it never sees EOF
         os.close(self._wake_read)
         os.close(self._wake_write)
         # stdin is the driver's liveness pipe; a kernel reads nothing from stdin.
@@ -757,6 +829,76 @@ def _run_kernel_app(argv: list[str], *, parent_pid: int) -> Any:
     # in the server: pass it explicitly so the poller watches the server, our parent.
     IPKernelApp.launch_instance(argv=[*argv[3:], f"--IPKernelApp.parent_handle={parent_pid}"])
     return 0
+
+
+# What IPKernelApp.initialize() does last: a warm fork does these once it has its directory and environment,
+# since they run the user's start-up files and extensions, which may read either.
+_AFTER_SPECIALIZING = ("init_gui_pylab", "init_extensions", "init_code")
+
+
+def _run_warm_kernel_app(argv: list[str], parent_pid: int, later: int, env_from_imports: Mapping[str, str],
+                         base_path: list[str]) -> Any:
+    """Initialise the kernel, wait for its directory and environment on `later`, take them, then serve."""
+    import importlib.util
+
+    from ipykernel.kernelapp import IPKernelApp
+
+    module = argv[2]
+    spec = importlib.util.find_spec(f"{module}.__main__" if module == "ipykernel" else module)
+    sys.argv = [spec.origin if spec and spec.origin else module, *argv[3:]]
+    app = IPKernelApp.instance()
+    for name in _AFTER_SPECIALIZING:
+        setattr(app, name, _nothing)
+    before = dict(os.environ)
+    app.initialize([*argv[3:], f"--IPKernelApp.parent_handle={parent_pid}"])
+    # what initialising set in os.environ (TERM, PAGER, MPLBACKEND, ...), as it would have over the real one
+    set_by_init = {name: value for name, value in os.environ.items() if before.get(name) != value}
+    request = _read_line(later)
+    os.close(later)
+    if request is None:
+        return 0  # the driver let go of this fork before using it
+    message = json.loads(request)
+    cwd, env = str(message["cwd"]), {str(k): str(v) for k, v in message["env"].items()}
+    # a variable that initialising overwrote keeps its value; one it only set when absent yields to the request's
+    final = {**env_from_imports, **env}
+    final.update({name: value for name, value in set_by_init.items() if name in before or name not in env})
+    initialised_path = list(sys.path)
+    _prepare_process(cwd, final, base_path)
+    if "" in initialised_path:  # where initialising put the working directory: before the same neighbour
+        following = initialised_path[initialised_path.index("") + 1:]
+        neighbour = next((entry for entry in following if entry in sys.path), None)
+        sys.path.insert(sys.path.index(neighbour) if neighbour is not None else len(sys.path), "")
+    shell = app.shell
+    if shell is not None:
+        history = getattr(shell, "history_manager", None)
+        dir_hist = getattr(history, "dir_hist", None)
+        if isinstance(dir_hist, list):  # _dh, %dhist: where the kernel started (a Path or a str, as IPython keeps it)
+            dir_hist[:] = [type(dir_hist[0])(cwd) if dir_hist else cwd]
+        session = env.get("JPY_SESSION_NAME")
+        if session:
+            shell.user_ns["__session__"] = session
+        for name in _AFTER_SPECIALIZING:
+            getattr(IPKernelApp, name)(app)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    app.start()
+    return 0
+
+
+def _nothing() -> None:
+    pass
+
+
+def _read_line(fd: int) -> bytes | None:
+    """One line from a blocking file descriptor, or None at end of file before a whole line."""
+    buffer = b""
+    while b"\n" not in buffer:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    return buffer.split(b"\n", 1)[0]
 
 
 def _exit_status(code: Any) -> int:

@@ -10,7 +10,10 @@ This module owns
   ``AsyncKernelManager`` kernel otherwise or when forking fails;
 - :class:`StartedKernel`, whose :meth:`~StartedKernel.stop` kills the kernel's
   whole process group at once;
-- :class:`KernelPool`, which starts kernels ahead of time for steps about to run;
+- :class:`KernelPool`, which keeps warm forks ready (kernels initialised by the fork server that take
+  their step's directory and environment when handed out, so any step can have one) and starts a new
+  one the moment one is taken; and, for kernels that cannot be forked, starts kernels ahead of time
+  for steps about to run;
 - the private folder of the kernels' connection files (with their HMAC keys)
   and socket files: one per pool, removed when the pool closes, and removed by
   the next nbflow when this one was killed (:func:`nbflow.reaper.private_folder`).
@@ -151,11 +154,17 @@ async def start_kernel(request: KernelRequest, *, use_forkserver: bool = True) -
 
 
 class KernelPool:
-    """Starts kernels ahead of time for steps about to become ready (bounded).
+    """Keeps kernels ready before steps ask for them (bounded).
+
+    Warm forks (:meth:`keep_warm`): kernels forked and initialised by the fork
+    server without a step, which take the step's directory and environment
+    when :meth:`acquire` hands one out; the pool starts the next one at that
+    moment. Kernels that cannot be forked (another interpreter, fork server
+    off) are started ahead of time per step instead (:meth:`prestart`).
 
     All methods are called from ONE asyncio event loop (the executor's). Each
-    prestarted kernel belongs to one step key and is handed out at most once;
-    the pool owns its fork server (started on first use) and stops it in :meth:`close`.
+    kernel is handed out at most once; the pool owns its fork server (started
+    on first use) and stops it in :meth:`close`, with every kernel not handed out.
     """
 
     def __init__(self, *, max_prestarted: int, use_forkserver: bool = True, forkserver_off: str | None = None) -> None:
@@ -164,18 +173,39 @@ class KernelPool:
         self._forkserver_off = forkserver_off
         self._fork_server: ForkServer | None = None
         self._prestarted: dict[str, tuple[KernelRequest, asyncio.Task[StartedKernel]]] = {}
+        self._warm: list[asyncio.Task[_WarmFork | None]] = []  # oldest first
+        self._warm_count = 0
+        self._warm_kernel = "python3"
         self._folder: tuple[str, int] | None = None  # (path, holder fd) of its kernels' files
         self._closed = False
 
+    def keep_warm(self, count: int = 1, kernel_name: str = "python3") -> None:
+        """Keep ``count`` warm forks of ``kernel_name`` ready from now on (the fork server starts now).
+
+        A no-op when that kernel cannot be forked or the fork server is off: then
+        :meth:`prestart` hints are what starts kernels ahead of time.
+        """
+        if self._closed or _forkserver_disabled_reason(self._use_forkserver, self._forkserver_off):
+            return
+        self._warm_count, self._warm_kernel = count, kernel_name
+        self._server().start()  # its boot (importing ipykernel) overlaps what the run does before its first step
+        self._refill()
+
     def prestart(self, key: str, request: KernelRequest) -> None:
-        """Start a kernel for step ``key`` in the background (no-op if full, present or closed)."""
-        if self._closed or key in self._prestarted or len(self._prestarted) >= self._max_prestarted:
+        """Start a kernel for step ``key`` in the background (no-op if full, present or closed).
+
+        Nothing is started for a request that a warm fork can serve: one is ready or starting.
+        """
+        if self._closed or key in self._prestarted or self._serves(request):
+            return
+        if len(self._prestarted) >= self._max_prestarted:
             return
         task = asyncio.get_running_loop().create_task(self._start(request), name=f"prestart kernel for {key}")
         self._prestarted[key] = (request, task)
 
     async def acquire(self, key: str, request: KernelRequest) -> StartedKernel:
-        """The kernel prestarted for ``key`` if it was started for an equal request, else a new one."""
+        """The kernel prestarted for ``key`` if it was started for an equal request, else a warm fork that
+        takes the request's directory and environment, else a new one."""
         if self._closed:
             raise RuntimeError("the kernel pool is closed")
         prestarted = self._prestarted.pop(key, None)
@@ -192,7 +222,80 @@ class KernelPool:
                     await started.stop()  # died while waiting in the pool
             else:
                 await _discard_start(task)
+        if self._serves(request):
+            started = await self._take_warm(request)
+            if started is not None:
+                return started
         return await self._start(request)
+
+    def _serves(self, request: KernelRequest) -> bool:
+        """Whether warm forks are kept for this request's kernel."""
+        return self._warm_count > 0 and request.kernel_name == self._warm_kernel
+
+    def _refill(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed and len(self._warm) < self._warm_count:
+            self._warm.append(loop.create_task(self._start_warm(self._warm_kernel), name="warm fork"))
+
+    async def _start_warm(self, kernel_name: str) -> _WarmFork | None:
+        """A warm fork; None (and no more of them) when this kernel cannot be forked."""
+        try:
+            spec = _kernel_spec(kernel_name)
+            if _unforkable_reason(spec) is not None:
+                self._warm_count = 0
+                return None
+            env = dict(os.environ)
+            km = _manager(kernel_name, self._folder_path(), self._server(), warm=True)
+            try:
+                await km.start_kernel(cwd=self._folder_path(), env=env)
+            except BaseException:
+                await _kill_and_release(km)
+                raise
+        except Exception:  # noqa: BLE001 - the step that asks starts its kernel as it would without the pool
+            self._warm_count = 0
+            return None
+        return _WarmFork(km, kernel_name, _startup_env(env))
+
+    async def _take_warm(self, request: KernelRequest) -> StartedKernel | None:
+        """The oldest warm fork, given the request's directory and environment and ready; None if it cannot be."""
+        cwd = os.path.abspath(request.cwd)
+        if not self._warm or not os.path.isdir(cwd):
+            return None
+        task = self._warm.pop(0)
+        self._refill()  # the next step's kernel starts now, before anyone asks
+        warm = await task
+        if warm is None:
+            return None
+        env = {**os.environ, **request.env}
+        assert self._fork_server is not None
+        from nbflow.forkserver import ForkServerError
+
+        try:
+            if (_startup_env(env) != warm.startup_env or not await warm.km.is_alive()
+                    or self._fork_server.unsupported_reason(sys.executable, env) is not None):
+                raise ForkServerError("the warm fork does not fit this request")
+            await warm.km.provisioner.specialize(cwd, env)  # type: ignore[union-attr]
+        except (ForkServerError, OSError):
+            await _kill_and_release(warm.km)
+            return None
+        try:
+            return await _connected(warm.km, warm.kernel_name, "forkserver", None)
+        except KernelStartError:
+            return None  # it died on the way: the step gets a kernel started for it
+
+    def _server(self) -> ForkServer:
+        if self._fork_server is None:
+            from nbflow.forkserver import ForkServer
+
+            self._fork_server = ForkServer()
+        return self._fork_server
+
+    def _folder_path(self) -> str:
+        if self._folder is None:
+            from nbflow.reaper import private_folder
+
+            self._folder = private_folder(KERNELS_FOLDER_PREFIX)
+        return self._folder[0]
 
     async def close(self) -> None:
         """Stop every kernel started ahead of time and not acquired; shut down the fork server; remove the files.
@@ -202,7 +305,9 @@ class KernelPool:
         """
         self._closed = True
         prestarted, self._prestarted = self._prestarted, {}
-        await asyncio.gather(*(_discard_start(task) for _, task in prestarted.values()))
+        warm, self._warm = self._warm, []
+        await asyncio.gather(*(_discard_start(task) for _, task in prestarted.values()),
+                             *(_discard_warm(task) for task in warm))
         if self._fork_server is not None:
             self._fork_server.shutdown()
         if self._folder is not None:
@@ -213,15 +318,31 @@ class KernelPool:
 
     async def _start(self, request: KernelRequest) -> StartedKernel:
         disabled = _forkserver_disabled_reason(self._use_forkserver, self._forkserver_off)
-        if disabled is None and self._fork_server is None:
-            from nbflow.forkserver import ForkServer
+        server = None if disabled else self._server()
+        return await _start(request, server, disabled, self._folder_path())
 
-            self._fork_server = ForkServer()
-        if self._folder is None:
-            from nbflow.reaper import private_folder
 
-            self._folder = private_folder(KERNELS_FOLDER_PREFIX)
-        return await _start(request, None if disabled else self._fork_server, disabled, self._folder[0])
+@dataclass
+class _WarmFork:
+    """A kernel forked and initialised without a step: it serves once given a directory and an environment."""
+
+    km: AsyncKernelManager
+    kernel_name: str
+    startup_env: dict[str, str]  # what of its environment it read while initialising
+
+
+# Read while a kernel initialises (interpreter, locale, IPython's profile and history, Jupyter's paths):
+# a warm fork serves only requests that agree with it on these. The rest of the environment it takes later.
+_STARTUP_ENV_PREFIXES = ("IPYTHON", "JUPYTER", "XDG_")
+_STARTUP_ENV_NAMES = ("HOME",)
+
+
+def _startup_env(env: Mapping[str, str]) -> dict[str, str]:
+    from nbflow.forkserver import interpreter_env
+
+    found = {name: value for name, value in env.items()
+             if name.startswith(_STARTUP_ENV_PREFIXES) or name in _STARTUP_ENV_NAMES}
+    return {**found, **interpreter_env(env)}
 
 
 # --------------------------------------------------------------------------
@@ -311,7 +432,21 @@ async def _launch(
     fallback_reason: str | None,
     folder: str,
 ) -> StartedKernel:
-    import zmq
+    km = _manager(kernel_name, folder, server)
+    if server is None and env.get(PYTHONPATH_ENV):
+        # an ordinary kernel reads PYTHONPATH when its interpreter starts; a forked one is given the
+        # folders by the fork server instead (a changed PYTHONPATH would make it refuse to fork)
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, (env[PYTHONPATH_ENV], env.get("PYTHONPATH"))))}
+    try:
+        await km.start_kernel(cwd=cwd, env=env)
+    except BaseException:
+        await _kill_and_release(km)
+        raise
+    return await _connected(km, kernel_name, "ordinary" if server is None else "forkserver", fallback_reason)
+
+
+def _manager(kernel_name: str, folder: str, server: ForkServer | None, *, warm: bool = False) -> AsyncKernelManager:
+    """A kernel manager on Unix sockets in `folder`, launching through `server` when given (a warm fork: `warm`)."""
     from jupyter_client.manager import AsyncKernelManager
 
     km = AsyncKernelManager(kernel_name=kernel_name)
@@ -324,19 +459,23 @@ async def _launch(
     km.transport = "ipc"
     km.ip = os.path.join(folder, km.kernel_id)
     km.connection_file = os.path.join(folder, f"kernel-{km.kernel_id}.json")
-    if server is None and env.get(PYTHONPATH_ENV):
-        # an ordinary kernel reads PYTHONPATH when its interpreter starts; a forked one is given the
-        # folders by the fork server instead (a changed PYTHONPATH would make it refuse to fork)
-        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, (env[PYTHONPATH_ENV], env.get("PYTHONPATH"))))}
     if server is not None:
         from nbflow.forkserver import ForkServerProvisioner
 
         provisioner = ForkServerProvisioner(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
         provisioner.fork_server = server
+        provisioner.warm = warm
         km.provisioner = provisioner
+    return km
+
+
+async def _connected(km: AsyncKernelManager, kernel_name: str, mode: str,
+                     fallback_reason: str | None) -> StartedKernel:
+    """The launched kernel with a connected client, once it is ready (killed if it never is)."""
+    import zmq
+
     kc = None
     try:
-        await km.start_kernel(cwd=cwd, env=env)
         kc = km.client()
         kc.context.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_INTERVAL_MS)
         kc.start_channels(hb=False)  # liveness comes from the process, not heartbeats
@@ -348,13 +487,7 @@ async def _launch(
         raise
     pid = getattr(km.provisioner, "pid", None)  # both provisioners used here have one
     assert pid is not None
-    return StartedKernel(
-        km=km,
-        kc=kc,
-        mode="ordinary" if server is None else "forkserver",
-        fallback_reason=fallback_reason,
-        pid=int(pid),
-    )
+    return StartedKernel(km=km, kc=kc, mode=mode, fallback_reason=fallback_reason, pid=int(pid))
 
 
 #: Prefix of the private folders (in the temp folder) that hold the kernels' connection and socket files.
@@ -456,6 +589,18 @@ async def _kill_and_release(km: AsyncKernelManager) -> None:
         if await provisioner.poll() is not None:
             await provisioner.wait()
     await km.cleanup_resources()
+
+
+async def _discard_warm(task: asyncio.Task[_WarmFork | None]) -> None:
+    """Kill a warm fork nobody took, cancelling its start if it is still going."""
+    if not task.done():
+        task.cancel()
+    await asyncio.wait([task])
+    if task.cancelled() or task.exception() is not None or task.result() is None:
+        return
+    warm = task.result()
+    assert warm is not None
+    await _kill_and_release(warm.km)
 
 
 async def _discard_start(task: asyncio.Task[StartedKernel]) -> None:

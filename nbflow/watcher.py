@@ -371,11 +371,8 @@ class Watch:
         if self._executor is None:
             from .executors import make_executor  # noqa: PLC0415
 
-            self._executor = make_executor(settings)
+            self._executor = make_executor(settings)  # the local one keeps warm forks while the watch lasts
             self._settings = settings
-            keep_warm = getattr(self._executor, "keep_warm", None)
-            if keep_warm is not None:
-                keep_warm()
         return self._executor
 
     def _emit(self, event: Event) -> None:

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 # -- helpers ------------------------------------------------------------------
 
 
-from kernel_helpers import execute, gone, shut_down_shared_fork_server, wait_until  # noqa: E402,F401
+from kernel_helpers import execute, execute_json, gone, shut_down_shared_fork_server, wait_until  # noqa: E402,F401
 
 
 def descendants() -> set[int]:
@@ -322,6 +322,140 @@ def test_pool_without_forkserver_starts_ordinary_kernels(tmp_path: Path) -> None
         finally:
             await pool.close()
         assert pool._fork_server is None
+
+    asyncio.run(main())
+
+
+# -- warm forks -------------------------------------------------------------------
+
+
+async def warm_pids(pool: KernelPool) -> list[int]:
+    """The pids of the pool's warm forks, once each is ready."""
+    forks = [await task for task in list(pool._warm)]
+    return [int(fork.km.provisioner.pid) for fork in forks if fork is not None]
+
+
+def test_a_warm_fork_is_handed_out_and_the_next_one_starts_at_once(tmp_path: Path) -> None:
+    (tmp_path / "step").mkdir()
+
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=1)
+        try:
+            pool.keep_warm(1)
+            (warm,) = await warm_pids(pool)
+            pool.prestart("a", request(tmp_path / "step", NBFLOW_STEP="a"))
+            assert pool._prestarted == {}  # a warm fork serves it: nothing started for the step itself
+            first = await pool.acquire("a", request(tmp_path / "step", NBFLOW_STEP="a"))
+            assert first.pid == warm and first.mode == "forkserver"
+            assert len(pool._warm) == 1  # taken: the next one is starting already
+            out = await execute(first, "import os; print(os.getcwd(), os.environ['NBFLOW_STEP'])")
+            assert out == f"{tmp_path / 'step'} a\n"
+            (second_warm,) = await warm_pids(pool)
+            second = await pool.acquire("b", request(tmp_path, NBFLOW_STEP="b"))
+            assert second.pid == second_warm != first.pid
+            assert await execute(second, "print(leaked if 'leaked' in dir() else 'fresh')") == "fresh\n"
+            await first.stop()
+            await second.stop()
+        finally:
+            await pool.close()
+
+    before = descendants()
+    asyncio.run(main())
+    assert wait_until(lambda: descendants() <= before)
+
+
+def test_a_kernel_from_a_warm_fork_matches_an_ordinary_kernel(tmp_path: Path) -> None:
+    """The directory, environment, sys.path (pythonpath: first), start-up state and /proc of the step's kernel."""
+    (tmp_path / "helper_next_to_notebook.py").write_text("ANSWER = 42\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "project_module.py").write_text("WHERE = 'src'\n")
+    env = {"NBFLOW_TEST_VALUE": "warm?", "NBFLOW_PYTHONPATH": str(tmp_path / "src"), "MPLBACKEND": "agg"}
+    probe = (
+        "{'cwd': __import__('os').getcwd(), 'env': __import__('os').environ.get('NBFLOW_TEST_VALUE'),"
+        " 'path': __import__('sys').path, 'argv0': __import__('sys').argv[0],"
+        " 'answer': __import__('helper_next_to_notebook').ANSWER, 'where': __import__('project_module').WHERE,"
+        " 'dh': [str(d) for d in _dh], 'mpl': __import__('os').environ.get('MPLBACKEND'),"
+        " 'term': __import__('os').environ.get('TERM'), 'pager': __import__('os').environ.get('PAGER'),"
+        " 'count': get_ipython().execution_count,"
+        " 'nbflow_loaded': sorted(m for m in __import__('sys').modules if 'nbflow' in m)}"
+    )
+
+    async def from_warm_fork() -> tuple[Any, dict[str, str]]:
+        pool = KernelPool(max_prestarted=1)
+        try:
+            pool.keep_warm(1)
+            (warm,) = await warm_pids(pool)
+            started = await pool.acquire("a", KernelRequest("python3", str(tmp_path), env))
+            assert started.pid == warm
+            try:
+                return await execute_json(started, probe), psutil.Process(started.pid).environ()
+            finally:
+                await started.stop()
+        finally:
+            await pool.close()
+
+    async def ordinary() -> Any:
+        started = await start_kernel(KernelRequest("python3", str(tmp_path), env), use_forkserver=False)
+        try:
+            return await execute_json(started, probe)
+        finally:
+            await started.stop()
+
+    warm, environ = asyncio.run(from_warm_fork())
+    assert warm["cwd"] == str(tmp_path) and warm["dh"] == [str(tmp_path)]
+    assert warm["env"] == "warm?" and warm["answer"] == 42 and warm["where"] == "src"
+    assert warm["mpl"] == "agg"  # the step's own value, not the one ipykernel sets when there is none
+    assert environ["NBFLOW_TEST_VALUE"] == "warm?"  # what ps and nbflow's reaper read
+    assert warm == asyncio.run(ordinary())
+
+
+def test_a_request_the_warm_fork_cannot_serve_gets_a_kernel_of_its_own(tmp_path: Path) -> None:
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=1)
+        try:
+            pool.keep_warm(1)
+            (warm,) = await warm_pids(pool)
+            # IPython reads its profile folder while the kernel initialises: the warm fork has another one
+            started = await pool.acquire("a", request(tmp_path, IPYTHONDIR=str(tmp_path / "ipython")))
+            try:
+                assert started.pid != warm
+                assert await execute(started, "import os; print(os.environ['IPYTHONDIR'])") == \
+                    f"{tmp_path / 'ipython'}\n"
+            finally:
+                await started.stop()
+            assert wait_until(lambda: gone(warm))  # the fork that did not fit is gone, not kept
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_warm_forks_nobody_took_are_killed_when_the_pool_closes(tmp_path: Path) -> None:
+    before = descendants()
+
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=1)
+        pool.keep_warm(3)
+        pids = await warm_pids(pool)
+        assert len(pids) == 3 and all(not gone(pid) for pid in pids)
+        await pool.close()
+        assert all(wait_until(lambda pid=pid: gone(pid)) for pid in pids)
+
+    asyncio.run(main())
+    assert wait_until(lambda: descendants() <= before)
+
+
+def test_no_warm_forks_without_the_fork_server(tmp_path: Path) -> None:
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=1, use_forkserver=False)
+        try:
+            pool.keep_warm(2)
+            assert pool._warm == [] and pool._fork_server is None
+            started = await pool.acquire("a", request(tmp_path))
+            assert started.mode == "ordinary"
+            await started.stop()
+        finally:
+            await pool.close()
 
     asyncio.run(main())
 

@@ -2,8 +2,9 @@
 
 Owns: the event-loop thread that drives every running step (kernels are
 separate processes, so one loop is enough to keep N kernels busy), the kernel
-pool shared by the steps of a run, prestart hints, and cancelling every
-running step. Must not decide what runs: the Runner does.
+pool shared by the steps of a run (or of every cycle of a watch), which keeps
+warm forks ready from the moment the executor exists, prestart hints, and
+cancelling every running step. Must not decide what runs: the Runner does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from ..settings import RunSettings
 
 
+_MAX_WARM = 4
+
+
 class LocalExecutor:
     def __init__(self, settings: "RunSettings"):
         from ..kernels import KernelPool  # noqa: PLC0415
@@ -35,8 +39,13 @@ class LocalExecutor:
         self.pool: KernelPool = self._call(self._make_pool(KernelPool)).result()
 
     async def _make_pool(self, pool_class):
-        return pool_class(max_prestarted=max(1, self.jobs), use_forkserver=self.settings.forkserver,
+        pool = pool_class(max_prestarted=max(1, self.jobs), use_forkserver=self.settings.forkserver,
                           forkserver_off=self.settings.forkserver_off)
+        # as many warm forks as steps may start at once (a few at most), started right after this returns:
+        # the fork server boots while the run gets ready, and every step, the first one too, finds a kernel
+        # started before it asked
+        asyncio.get_running_loop().call_soon(pool.keep_warm, max(1, min(self.jobs, _MAX_WARM)))
+        return pool
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)

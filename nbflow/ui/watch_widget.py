@@ -227,10 +227,10 @@ class WatchWidget:
                 f"<pre>{html.escape(last.error)}</pre></div>")
 
     def static_html(self) -> str:
-        run_body = ""
-        if self.run_widget is not None:
-            run_body = self.run_widget.body_html(graph=self.run_widget._graph_html(links=False))
-        return f'<div class="nbflow-run-static"><style>{CSS}</style>{self.body_html(run_body)}</div>'
+        """The watch for viewers without the widget: the same frame, the latest run as its own static copy."""
+        if self.run_widget is not None:  # it brings the style along
+            return f'<div class="nbflow-run-static">{self.body_html(self.run_widget.static_html())}</div>'
+        return f'<div class="nbflow-run-static"><style>{CSS}</style>{self.body_html("")}</div>'
 
     def static_text(self) -> str:
         lines = [f"nbflow watch {self.root}: {self.state}"]
