@@ -113,7 +113,8 @@ function render({ model, el }) {
       button.textContent = label;
       button.disabled = true;
       button.title = "Finding the Jupyter server…";
-    } else if (server) {
+    } else if (server && (requestPath(controls) !== null || controls.holds_kernel)) {
+      // the request file through the server, or (a pipeline outside the server's folder) the kernel's interrupt
       button.textContent = label;
       button.disabled = false;
       button.title = "Stop the run, even while a cell runs: running kernels are stopped, notebooks saved";
@@ -129,6 +130,10 @@ function render({ model, el }) {
     }
   }
 
+  function requestPath(controls) {
+    return server && controls.cancel_path ? joinPath(server.folder, controls.cancel_path) : null;
+  }
+
   button.addEventListener("click", (event) => {
     event.preventDefault(); // inside the summary: no folding
     event.stopPropagation();
@@ -138,7 +143,7 @@ function render({ model, el }) {
     const controls = model.get("controls") || {};
     model.send({ cancel: true }); // arrives when the kernel reads its shell channel
     if (!server) return;
-    const path = controls.cancel_path ? joinPath(server.folder, controls.cancel_path) : null;
+    const path = requestPath(controls);
     const write = path === null
       ? Promise.resolve(false)
       : server.request("PUT", "api/contents/" + encodePath(path),

@@ -195,6 +195,10 @@ def lab(tmp_path_factory):
     _notebook(work / "run_raises.ipynb", 'import nbflow\nresult = nbflow.run("raises")')
     _notebook(work / "run_grid.ipynb", 'import nbflow\nresult = nbflow.run("grid")')
     _notebook(work / "run_chain.ipynb", 'import nbflow\nresult = nbflow.run("chain")')
+    outside = base / "outside"  # a pipeline outside the server's folder: no request file can reach it
+    shutil.copytree(FIXTURES / "widget_slow_steps", outside)
+    _notebook(work / "run_outside.ipynb",
+              f'import nbflow\nresult = nbflow.run({str(outside)!r}, parameters={{"delay": 3}})', NEXT_CELL)
     _notebook(work / "run_nb7.ipynb",
               'import nbflow\nresult = nbflow.run("nb7", parameters={"total.delay": 5})', NEXT_CELL)
     _notebook(work / "run_interrupt.ipynb",
@@ -627,6 +631,19 @@ def test_cancel_button_stops_a_background_run_while_another_cell_waits(lab: Lab,
     expect(view.locator(".nbflow-notice")).to_contain_text("the background run ended")
     expect(cells.nth(1).locator(".jp-OutputArea-output")).to_have_text("waited: cancelled", timeout=30_000)
     screenshot(output_area(panel), "widget-background-cancelled.png")
+
+
+def test_cancel_button_interrupts_the_kernel_for_a_pipeline_outside_the_servers_folder(lab: Lab, open_notebook):
+    panel = open_notebook("run_outside.ipynb")
+    menu(panel.page, "Run", "Run All Cells")
+    view = widget(panel)
+    expect(row(panel, "numbers").locator(".nbflow-cells")).to_have_text(re.compile(r"^[2-9]/\d+$"), timeout=30_000)
+    button = view.get_by_role("button", name="Cancel")
+    expect(button).to_be_enabled()
+    button.click()
+    expect(view.locator(".nbflow-runstate")).to_contain_text("cancelled", timeout=30_000)
+    expect(row(panel, "numbers").locator(".nbflow-state")).to_have_text(re.compile("cancelled"))
+    expect_next_cell_ran(panel, "cancelled")
 
 
 def test_interrupting_the_kernel_cancels_a_blocking_run(lab: Lab, open_notebook):
