@@ -647,11 +647,24 @@ def test_cancel_button_interrupts_the_kernel_for_a_pipeline_outside_the_servers_
 
 
 def test_interrupting_the_kernel_cancels_a_blocking_run(lab: Lab, open_notebook):
+    """And in a front end with no Jupyter server to go through (VS Code), the button says to interrupt instead."""
     panel = open_notebook("run_interrupt.ipynb")
-    menu(panel.page, "Run", "Run All Cells")
-    view = widget(panel)
-    expect(row(panel, "numbers").locator(".nbflow-cells")).to_have_text(re.compile(r"^[2-9]/\d+$"), timeout=30_000)
-    menu(panel.page, "Kernel", "Interrupt Kernel")
+    page = panel.page
+    # as VS Code's page: no Jupyter server configuration for the widget to find (Lab read its own at start)
+    page.evaluate("window.__nbflowConfig = document.getElementById('jupyter-config-data');"
+                  "window.__nbflowConfig.remove()")
+    try:
+        menu(page, "Run", "Run All Cells")
+        view = widget(panel)
+        expect(row(panel, "numbers").locator(".nbflow-cells")).to_have_text(re.compile(r"^[2-9]/\d+$"),
+                                                                            timeout=30_000)
+        button = view.get_by_role("button")
+        expect(button).to_have_text("Interrupt the kernel (■) to cancel")
+        expect(button).to_be_disabled()
+        screenshot(output_area(panel), "widget-no-server.png")
+    finally:
+        page.evaluate("document.head.appendChild(window.__nbflowConfig)")
+    menu(page, "Kernel", "Interrupt Kernel")
     expect(view.locator(".nbflow-runstate")).to_contain_text("cancelled", timeout=30_000)
     wait_until_cell_done(panel)
     numbers = row(panel, "numbers")
