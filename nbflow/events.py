@@ -178,6 +178,7 @@ class StepSucceeded(Event):
     inputs: tuple[FileRecord, ...]
     outputs: tuple[FileRecord, ...]
     started_at: float = 0.0
+    worker: str | None = None  # the dask worker it ran on (None: this machine)
 
 
 @dataclass(frozen=True)
