@@ -121,7 +121,7 @@ function render({ model, el }) {
     } else if (!controls.holds_kernel) {
       button.textContent = label;
       button.disabled = false;
-      button.title = "Stop the run: this front end reaches the kernel only when no cell runs";
+      button.title = "Stop the run: the click reaches the kernel when no other cell keeps it busy";
     } else {
       button.textContent = "Interrupt the kernel (■) to cancel";
       button.disabled = true;
