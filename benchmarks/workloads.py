@@ -182,3 +182,31 @@ def ploomber_grid(folder: Path, a: int, b: int, jobs: int) -> None:
         "    product:\n      nb: output/sweep-[[a]]-[[b]].ipynb\n      data: output/parts/a=[[a]]-b=[[b]].txt\n"
         f"    grid:\n      a: {list(range(a))}\n      b: {list(range(b))}\n"
         "  - source: gather.ipynb\n    product:\n      nb: output/gather.ipynb\n      data: output/all.txt\n")
+
+
+#: The file the edited step of the watch workload writes, first thing, with the time its first cell ran.
+WATCH_STAMP = "first-cell-ran-at.txt"
+
+
+def watch_chain(folder: Path, n: int) -> Path:
+    """A chain of n trivial steps for watch mode; returns the notebook to edit (the middle one).
+
+    The edited step's first cell (its parameters cell) writes time.time() to WATCH_STAMP before anything else.
+    """
+    chain(folder, n)
+    edited = folder / f"{step_name(n // 2)}.ipynb"
+    nb = json.loads(edited.read_text())
+    params = nb["cells"][0]
+    params["source"] = (f'open({WATCH_STAMP!r}, "w").write(repr(__import__("time").time()))\n'
+                        + "".join(params["source"]))
+    edited.write_text(json.dumps(nb, indent=1))
+    return edited
+
+
+def touch_watch_notebook(path: Path, i: int) -> None:
+    """Save the notebook with its last cell changed (a comment), rewriting the file in place as Jupyter does."""
+    nb = json.loads(path.read_text())
+    cell = nb["cells"][-1]
+    cell["source"] = "".join(cell["source"]).split("\n# edit ")[0] + f"\n# edit {i}"
+    with open(path, "w") as f:
+        f.write(json.dumps(nb, indent=1))

@@ -29,7 +29,9 @@ def test_the_benchmark_runs_every_workload_in_smoke_mode(tmp_path: Path) -> None
                      "2 independent steps, -j 2", "one notebook of 5 cells", "DataFrame hand-over (10,000 rows)",
                      "6-step pipeline: `nbflow status`, never run", "6-step pipeline: `nbflow status`, all fresh",
                      "`nbflow --help`", "`import nbflow`", "4-instance grid + fan-in, -j 2, forced",
-                     "40-instance grid: `nbflow status`, never run", "6-instance grid: `nbflow status`, all fresh"):
+                     "40-instance grid: `nbflow status`, never run", "6-instance grid: `nbflow status`, all fresh",
+                     "2-step chain, forced: `nbflow run --force`", "6-step pipeline, all fresh: `nbflow run`",
+                     "watch: notebook save -> first cell of the stale step"):
         assert workload in rows, f"no row {workload!r} in {sorted(rows)}"
     for command in ("import nbflow", "nbflow --help", "nbflow status", "nbflow run (all fresh)"):
         row = rows[f"imports: {command}"]
