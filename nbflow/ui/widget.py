@@ -223,7 +223,8 @@ class RunWidget:
             cancel_path = Path(os.path.relpath(self.cancel_file, self.notebook_dir)).as_posix()
         except ValueError:  # another drive
             cancel_path = ""
-        controls = dict(getattr(self, "model", None) and self.model.controls or {})
+        # what is there already stays: the kernel's id, and the keys of a watch's widget that shares the model
+        controls = dict(self.model.controls) if hasattr(self, "model") else {}
         controls.update(holds_kernel=self.holds_kernel, background=self.background, cancel_path=cancel_path,
                         attached=self._cancel is not None, cancelling=self.cancel_requested,
                         finished=self.result is not None, **extra)
