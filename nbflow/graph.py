@@ -49,6 +49,14 @@ class Graph:
     value_producers: dict[str, str] = field(default_factory=dict)  # a gridded producer: its base name
     produced: frozenset[Path | str] = frozenset()  # input paths that some step writes (or writes inside)
     grids: dict[str, Grid] = field(default_factory=dict)  # gridded steps by base name; `steps` has the instances
+    # what is found once per graph and asked per step (thousands of times for a grid): see `remembered`
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def remembered(self, key: Any, find: Any) -> Any:
+        """`find()`, computed once for this graph (a graph is read anew for every run and status)."""
+        if key not in self._memo:
+            self._memo[key] = find()
+        return self._memo[key]
 
     @property
     def layout(self) -> StateLayout:
@@ -113,6 +121,9 @@ class Graph:
 
     def python_path(self) -> tuple[Path, ...]:
         """Folders put first on every step's `sys.path`: `pythonpath:` of nbflow.yaml, else the project root."""
+        return self.remembered("python_path", self._python_path)
+
+    def _python_path(self) -> tuple[Path, ...]:
         if self.config.pythonpath is not None:
             return tuple(Path(os.path.normpath(self.root / p)) for p in self.config.pythonpath)
         root = project_root(self.root)
@@ -431,14 +442,14 @@ def _producers(root: Path, steps: dict[str, Step], problems: list[Problem]
     producers: dict[Path | str, str] = {}
     value_producers: dict[str, str] = {}
     state_dir = Path(os.path.realpath(root / STATE_DIR))
-    real_paths: dict[Path, Path] = {}
+    real_paths: dict[str, str] = {}
     inside_state_dir = os.path.join(state_dir, "")
     for name, step in steps.items():
         for label, path in step.output_paths():
             # a symlink must not lead an output into the ledger's folder
-            real = _realpath(path, real_paths) if isinstance(path, Path) else path
-            if real == state_dir or str(real).startswith(inside_state_dir):
-                via = f" (through a symlink, it is {real})" if real != path else ""
+            real = _realpath(str(path), real_paths) if isinstance(path, Path) else path
+            if real == str(state_dir) or real.startswith(inside_state_dir):
+                via = f" (through a symlink, it is {real})" if real != str(path) else ""
                 problems.append(Problem(f"output {label!r} is inside {STATE_DIR}/{via}, which nbflow owns; write it "
                                         "elsewhere", file=step.rel_path, step=name))
             other = producers.setdefault(path, name)
@@ -455,14 +466,14 @@ def _producers(root: Path, steps: dict[str, Step], problems: list[Problem]
     return producers, value_producers
 
 
-def _realpath(path: Path, known: dict[Path, Path]) -> Path:
+def _realpath(path: str, known: dict[str, str]) -> str:
     """os.path.realpath, remembering every folder on the way: a grid's outputs share all but their last folders."""
     found = known.get(path)
     if found is None:
-        parent = path.parent
-        found = path if parent == path else _realpath(parent, known) / path.name
+        parent, name = os.path.split(path)
+        found = os.path.join(_realpath(parent, known), name) if name else path
         if os.path.islink(found):
-            found = Path(os.path.realpath(found))
+            found = os.path.realpath(found)
         known[path] = found
     return found
 

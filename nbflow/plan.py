@@ -167,7 +167,7 @@ def missing_kernels(graph: Graph, names: Iterable[str]) -> list[Problem]:
     """Kernels these steps need that are not installed, each with the fixes."""
     names = list(names)
     kernels = {kernel_of(graph, n) for n in names}
-    if not kernels:
+    if not kernels or kernels == {"python3"} and _native_kernel_installed():
         return []
     from .kernels import installed_kernels  # noqa: PLC0415 - only when something runs
 
@@ -182,3 +182,11 @@ def missing_kernels(graph: Graph, names: Iterable[str]) -> list[Problem]:
             f"`defaults: {{kernel: {other}}}` in nbflow.yaml, or install {kernel!r} (e.g. `python -m ipykernel "
             f"install --user --name {kernel}`)", file=graph.steps[users[0]].rel_path, step=users[0]))
     return problems
+
+
+def _native_kernel_installed() -> bool:
+    """Whether `python3` is installed, known without importing jupyter_client (0.1-0.3 s of a `status`): its
+    KernelSpecManager always offers `python3`, the native kernel, where ipykernel can be imported."""
+    import importlib.util  # noqa: PLC0415
+
+    return importlib.util.find_spec("ipykernel") is not None

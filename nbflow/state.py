@@ -565,7 +565,9 @@ def fingerprint_parts(graph: Graph, name: str, parameters: dict[str, Any], ledge
     if folders:
         parts["folders"] = folders
     # in sys.path's order: PYTHONPATH (pythonpath:) first, later '' (the notebook's folder, where it runs)
-    modules = project_modules(step.imports, (*graph.python_path(), step.folder)) if step.imports else []
+    search = (*graph.python_path(), step.folder)  # the instances of a grid share their step's: found once
+    modules = graph.remembered(("modules", step.imports, search),
+                               lambda: project_modules(step.imports, search)) if step.imports else []
     if modules:  # the project's own code it imports: editing src/features.py makes its importers stale
         parts["modules"] = {relative_to(path, graph.root): (ledger.file_hash(path) or ("",))[0] for path in modules}
     if graph.config.fingerprint_packages:  # `fingerprint: {packages: true}`: an upgraded pandas reruns the step
