@@ -241,7 +241,7 @@ def test_every_bad_grid_is_reported_at_once_naming_the_file_the_step_and_the_key
         "      power: []\n"
         "  prep:\n"
         "    grid:\n"
-        "      n: [1, 2, 2]\n"
+        '      n: [1, 2, 2, "a/b", "x=1", "two\\nlines"]\n'
         "  other:\n"
         "    grid: {}\n")
     proc = nbflow_cli("run", str(root), "--json")
@@ -252,6 +252,9 @@ def test_every_bad_grid_is_reported_at_once_naming_the_file_the_step_and_the_key
         (5, "train", "'steps.train.grid.power': the list of values of 'power' is empty: a grid needs at least "
                      "one value per key"),
         (8, "prep", "'steps.prep.grid.n': value 2 is listed twice"),
+        *((8, "prep", f"'steps.prep.grid.n': value {shown} contains {char}, which cannot be part of a partition "
+                      "folder `key=value` or of an instance name `step[key=value,...]`")
+          for shown, char in (("'a/b'", "'/'"), ("'x=1'", "'='"), ("'two\\nlines'", "\\n"))),
         (10, "other", "'steps.other.grid': a grid maps parameters of the step to lists of values, e.g. "
                       "{alpha: [0.1, 1.0]}"),
     }
@@ -300,6 +303,22 @@ def test_reading_the_plain_path_of_a_gridded_output_is_an_error_naming_the_folde
         "reads metrics/scores.parquet, the output path of gridded step 'train' as its notebook declares it, but "
         "each instance writes its own file under partition folders (metrics/scale=0.5/power=1/scores.parquet, "
         "...); read them all as a folder input ending in '/': inputs = {'scores': \"metrics/\"}")
+
+
+def test_a_folder_output_of_a_gridded_step_gets_its_partitions_at_its_end(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "split.ipynb", 'outputs = {"parts": "parts/"}\nshard = 0',
+                     "import os\nos.makedirs(outputs['parts'], exist_ok=True)\n"
+                     "for i in range(2):\n    open(os.path.join(outputs['parts'], f'{i}.txt'), 'w').write(str(shard))")
+    notebook_factory(tmp_path / "count.ipynb", 'inputs = {"parts": "parts/"}\noutputs = {"n": "n.txt"}',
+                     "import os\nn = sum(len(files) for _, _, files in os.walk(inputs['parts']))\n"
+                     "open(outputs['n'], 'w').write(str(n))")
+    (tmp_path / "nbflow.yaml").write_text("steps:\n  split:\n    grid: {shard: [1, 2, 3]}\n")
+    result = run(tmp_path)
+    assert result.ok, result.to_json()
+    assert (tmp_path / "n.txt").read_text() == "6"
+    assert (tmp_path / "parts" / "shard=2" / "1.txt").read_text() == "2"
+    (tmp_path / "parts" / "shard=2" / "1.txt").write_text("edited")  # a folder output is checked as a whole
+    assert states(tmp_path)["split[shard=2]"] == ("stale", ("output parts/shard=2/ changed since it was made",))
 
 
 def test_a_folder_input_depends_on_every_instance_writing_inside_it(fixture_pipeline):
