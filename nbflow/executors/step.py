@@ -105,6 +105,7 @@ class _Attempt:
             self.kernel = await pool.acquire(task.step, KernelRequest(task.kernel, task.cwd, task.env))
             runner = CellRunner(self.kernel.km, self.kernel.kc, timeout=task.cell_timeout)
             for position, i in enumerate(self.code_cells, start=1):
+                _raise_if_cancel_requested()
                 cell = self.nb["cells"][i]
                 self.current = i
                 self.emit(CellStarted(task.step, self.numbers[i], position, total))
@@ -229,6 +230,14 @@ class _Attempt:
         return StepOutcome(self.task.step, self.task.attempt, self.status, self.started_at,
                            time.time() - self.started_at, notebook, self.error,
                            self.kernel.mode if self.kernel is not None else None)
+
+
+def _raise_if_cancel_requested() -> None:
+    """A cancel the code awaited on the way swallowed (a library catching the CancelledError it threw in,
+    e.g. while a warm kernel is connected) is still a cancel: the task remembers it was asked."""
+    me = asyncio.current_task()
+    if me is not None and me.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _stop_and_reap(kernel: StartedKernel, env: dict[str, str]) -> None:
