@@ -263,7 +263,13 @@ class KernelPool:
             return None
         task = self._warm.pop(0)
         self._refill()  # the next step's kernel starts now, before anyone asks
-        warm = await task
+        try:
+            # shielded: a step cancelled while its fork still starts must see its cancel, and the fork is not
+            # cancelled with it (it goes back to the pool, which kills what is left when it closes)
+            warm = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._warm.insert(0, task)
+            raise
         if warm is None:
             return None
         env = {**os.environ, **request.env}
@@ -275,9 +281,11 @@ class KernelPool:
                     or self._fork_server.unsupported_reason(sys.executable, env) is not None):
                 raise ForkServerError("the warm fork does not fit this request")
             await warm.km.provisioner.specialize(cwd, env)  # type: ignore[union-attr]
-        except (ForkServerError, OSError):
-            await _kill_and_release(warm.km)
-            return None
+        except BaseException as e:
+            await asyncio.shield(_kill_and_release(warm.km))
+            if isinstance(e, (ForkServerError, OSError)):
+                return None  # the step gets a kernel started for it
+            raise
         try:
             return await _connected(warm.km, warm.kernel_name, "forkserver", None)
         except KernelStartError:
@@ -460,7 +468,7 @@ def _manager(kernel_name: str, folder: str, server: ForkServer | None, *, warm: 
     km.ip = os.path.join(folder, km.kernel_id)
     km.connection_file = os.path.join(folder, f"kernel-{km.kernel_id}.json")
     if server is not None:
-        from nbflow.forkserver import ForkServerProvisioner
+        from nbflow.provisioner import ForkServerProvisioner
 
         provisioner = ForkServerProvisioner(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
         provisioner.fork_server = server
