@@ -48,14 +48,26 @@ def papermill_grid(folder: str, out: str, a: int, b: int) -> dict:
 
     t1 = time.perf_counter()
     Path(out).mkdir(parents=True, exist_ok=True)
+    retried = 0
+
+    def execute(name: str, output: str, parameters: dict) -> None:
+        nonlocal retried
+        try:
+            pm.execute_notebook(str(Path(folder) / name), str(Path(out) / output), parameters=parameters,
+                                cwd=folder, progress_bar=False)
+        except RuntimeError as e:  # "Kernel died before replying to kernel_info", on a loaded machine: once more
+            if "kernel_info" not in str(e):
+                raise
+            retried += 1
+            pm.execute_notebook(str(Path(folder) / name), str(Path(out) / output), parameters=parameters,
+                                cwd=folder, progress_bar=False)
+
     for i in range(a):
         for j in range(b):
-            parameters = {"a": i, "b": j, "outputs": {"out": f"parts/a={i}/b={j}/out.txt"}}
-            pm.execute_notebook(str(Path(folder) / "sweep.ipynb"), str(Path(out) / f"sweep-{i}-{j}.ipynb"),
-                                parameters=parameters, cwd=folder, progress_bar=False)
-    pm.execute_notebook(str(Path(folder) / "gather.ipynb"), str(Path(out) / "gather.ipynb"), cwd=folder,
-                        progress_bar=False)
-    return {"import_s": t1 - t0, "loop_s": time.perf_counter() - t1}
+            execute("sweep.ipynb", f"sweep-{i}-{j}.ipynb",
+                    {"a": i, "b": j, "outputs": {"out": f"parts/a={i}/b={j}/out.txt"}})
+    execute("gather.ipynb", "gather.ipynb", {})
+    return {"import_s": t1 - t0, "loop_s": time.perf_counter() - t1, "kernel_start_retries": retried}
 
 
 def papermill_engines(path: str, out: str, calls: int) -> dict:

@@ -353,6 +353,7 @@ class Bench:
         if s.warmups:
             self.nbflow("run", "grid", "--force", "--json", "-j", str(s.jobs))
         mine, cpus, loop, loop_inner, pl = [], [], [], [], []
+        retries = 0  # papermill kernels that died before replying to kernel_info, started again
         for r in range(max(s.runs, s.loop_runs)):
             if r < s.runs:
                 wall, result, cpu = self.nbflow("run", "grid", "--force", "--json", "-j", str(s.jobs))
@@ -365,6 +366,7 @@ class Bench:
                                             str(b)])
                 loop.append(wall)
                 loop_inner.append(json.loads(found.strip().splitlines()[-1])["loop_s"])
+                retries += json.loads(found.strip().splitlines()[-1])["kernel_start_retries"]
             if r < s.slow_runs and ploomber:
                 pl.append(self.call([ploomber, "build", "--force"], cwd=pl_dir, env=env)[0])
         self.raw["grid"] = {"nbflow": mine, "nbflow_cpu": cpus, "papermill_loop": loop,
@@ -373,11 +375,15 @@ class Bench:
         name = f"{n}-instance grid + fan-in, -j {s.jobs}, forced"
         self.add(Row(name, f"{m:.2f} s", f"papermill loop {lm:.2f} s", m / lm, "<= 0.25", m / lm <= 0.25,
                      f"whole processes; loop alone {statistics.median(loop_inner):.2f} s; nbflow CPU "
-                     f"{statistics.median(cpus):.2f} s"))
+                     f"{statistics.median(cpus):.2f} s" + (f"; {retries} papermill kernel start(s) retried" if retries
+                                                          else "")))
         if pl:
             pm = statistics.median(pl)
+            version = self.call([str(Path(ploomber).parent / "python"), "-c",
+                                 "import ploomber; print(ploomber.__version__)"])[1].strip()
             self.add(Row(name, f"{m:.2f} s", f"ploomber build (grid) {pm:.2f} s", m / pm, "(info)", None,
-                         f"Ploomber's grid: and Parallel executor with {s.jobs} processes; median of {len(pl)}"))
+                         f"Ploomber {version}: its grid and its Parallel executor with {s.jobs} processes; "
+                         f"median of {len(pl)}"))
         else:
             self.add(Row(name, f"{m:.2f} s", "ploomber build (grid): not measured", None, "(info)", None,
                          ploomber_problem or "disabled"))
