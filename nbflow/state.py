@@ -33,7 +33,7 @@ from .layout import StateLayout
 from .params import EnvRef, ValueRef, is_secret_name
 from .version import __version__
 
-SCHEMA_VERSION = 2  # 2: runs.audit
+SCHEMA_VERSION = 2  # 2: runs.audit, step_runs.worker
 REDACTED = "***"
 
 _SCHEMA = """
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS step_runs (
     step TEXT NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
     started_at REAL, finished_at REAL, duration_s REAL, notebook TEXT,
     fingerprint TEXT, fingerprint_parts TEXT, parameters TEXT, reasons TEXT,
-    error_kind TEXT, error_name TEXT, error_value TEXT, error_cell INTEGER, error_traceback TEXT);
+    error_kind TEXT, error_name TEXT, error_value TEXT, error_cell INTEGER, error_traceback TEXT, worker TEXT);
 CREATE TABLE IF NOT EXISTS files (
     step_run_id INTEGER NOT NULL REFERENCES step_runs(id), role TEXT NOT NULL,
     label TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL);
@@ -129,6 +129,7 @@ class Ledger:
         elif version == 1:
             try:  # nbflow 0.1's ledger: the runs get an audit column
                 self.conn.executescript(f"BEGIN; ALTER TABLE runs ADD COLUMN audit TEXT; "
+                                        "ALTER TABLE step_runs ADD COLUMN worker TEXT; "
                                         f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
             except sqlite3.OperationalError:
                 _rollback(self.conn)  # read-only: read it as it is (runs without audit)
@@ -285,13 +286,16 @@ class Ledger:
         return result
 
     def _has_audit(self) -> bool:
-        """Whether the runs table has the audit column (a read-only 0.1 ledger has not)."""
-        return any(row[1] == "audit" for row in self.conn.execute("PRAGMA table_info(runs)").fetchall())
+        return self._has_column("runs", "audit")
+
+    def _has_column(self, table: str, column: str) -> bool:
+        """Whether a table has a column of schema 2 (a read-only 0.1 ledger has not)."""
+        return any(row[1] == column for row in self.conn.execute(f"PRAGMA table_info({table})").fetchall())
 
     def step_runs(self, run_id: str) -> list[dict[str, Any]]:
         cols = ["id", "step", "attempt", "status", "started_at", "finished_at", "duration_s", "notebook",
                 "fingerprint", "parameters", "reasons", "error_kind", "error_name", "error_value", "error_cell",
-                "error_traceback"]
+                "error_traceback"] + (["worker"] if self._has_column("step_runs", "worker") else [])
         rows = self.conn.execute(f"SELECT {', '.join(cols)} FROM step_runs WHERE run_id=? ORDER BY id",
                                  (run_id,)).fetchall()
         now = _StatusNow(self.state_dir)
@@ -911,7 +915,8 @@ class LedgerRecorder:
         with self.ledger.transaction() as c:
             row = self._finish(c, e.step, e.attempt, "succeeded", duration_s=e.duration_s, notebook=e.notebook,
                                fingerprint=e.fingerprint, fingerprint_parts=json.dumps(e.fingerprint_parts),
-                               parameters=json.dumps(redact(e.parameters, self.secrets), default=repr))
+                               parameters=json.dumps(redact(e.parameters, self.secrets), default=repr),
+                               worker=e.worker)
             for role, records in (("input", e.inputs), ("output", e.outputs)):
                 c.executemany("INSERT INTO files VALUES (?,?,?,?,?,?)",
                               [(row, role, r.label, r.path, r.sha256, r.size) for r in records])

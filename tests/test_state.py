@@ -210,3 +210,20 @@ def test_a_run_left_running_reads_interrupted_unless_a_run_holds_the_lock(tmp_pa
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT status FROM runs").fetchall() == [("running",)]  # reading wrote nothing
     conn.close()
+
+
+def test_the_worker_a_step_ran_on_is_recorded_and_reported(tmp_path, notebook_factory):
+    from nbflow.ui import report
+
+    notebook_factory(tmp_path / "a.ipynb", 'outputs = {}', "x = 1")
+    ledger = Ledger(tmp_path / "_nbflow")
+    rec = LedgerRecorder(ledger)
+    rec(RunStarted("r1", str(tmp_path), 1.0, (PlannedStep("a", "run", ("never run",)),)))
+    rec(StepStarted("a", 1, "_nbflow/runs/r1/a.ipynb", 1, 1.5))
+    rec(StepSucceeded("a", 1, 0.5, "_nbflow/runs/r1/a.ipynb", "f" * 64, {"cells": []}, {}, (), (), 1.5,
+                      worker="tcp://10.0.0.7:40123"))
+    rec(RunFinished(RunResult("r1", str(tmp_path), RunStatus.SUCCEEDED, {}, 1.0, 2.0)))
+    assert ledger.step_runs("r1")[0]["worker"] == "tcp://10.0.0.7:40123"
+    ledger.close()
+    page, _ = report.write(tmp_path, tmp_path / "r.html")
+    assert "ran on worker <code>tcp://10.0.0.7:40123</code>" in page.read_text()

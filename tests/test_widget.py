@@ -674,3 +674,15 @@ def test_a_background_run_announces_its_end(pipeline):
     assert "nbflow-notice" not in body(w)
     finish(w, RunStatus.SUCCEEDED, t0)
     assert "the background run ended at" in body(w)
+
+
+def test_the_worker_a_step_ran_on_is_shown(pipeline):
+    from nbflow.events import FileRecord  # noqa: F401 - the event's fields
+
+    w = make_widget(pipeline)
+    t0 = time.time()
+    started(w, t0)
+    w(StepStarted("numbers", 1, notebook("numbers"), 1, t0))
+    w(StepSucceeded("numbers", 1, 0.5, notebook("numbers"), "fp", {}, {}, (), (), t0, worker="tcp://10.0.0.7:40123"))
+    assert w.view.steps["numbers"].worker == "tcp://10.0.0.7:40123"
+    assert "ran on worker" in w._more_html(w.view.steps["numbers"]) and "10.0.0.7:40123" in w.static_html()

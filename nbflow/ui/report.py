@@ -335,6 +335,8 @@ def _steps_table(root: Path, steps: dict[str, dict[str, Any]], report_dir: Path)
             detail += "".join(f'<div class="muted">attempt {e["attempt"]} failed: '
                               f'{html.escape(e["error_name"])}: {html.escape(e["error_value"] or "")}</div>'
                               for e in earlier)
+        if r.get("worker"):  # run on a dask cluster: where
+            detail += f'<div class="muted">ran on worker <code>{html.escape(r["worker"])}</code></div>'
         body.append(
             f'<tr id="row-{_anchor(name)}"><td><a href="#step-{_anchor(name)}"><code>{html.escape(name)}</code></a>'
             f"</td><td>{_badge(r['status'])}</td><td class=num>{r['attempt'] or '–'}</td>"

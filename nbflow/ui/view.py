@@ -118,6 +118,7 @@ class StepView:
     source_line: str = ""  # the first line of the cell running now
     parameters: dict[str, Any] = field(default_factory=dict)  # effective, secrets masked
     outputs: tuple[str, ...] = ()  # declared output paths, relative to the pipeline folder
+    worker: str | None = None  # the dask worker it ran on (None: this machine)
 
     @property
     def style(self) -> StateStyle:
@@ -255,6 +256,7 @@ class RunView:
             row.cells_done = event.index if event.ok else event.index - 1
             row.cells_total = event.total
         elif isinstance(event, StepSucceeded):
+            row.worker = event.worker
             row.status, row.attempt, row.duration_s = StepStatus.SUCCEEDED, event.attempt, event.duration_s
             row.notebook, row.cells_done, row.cell, row.note = event.notebook, row.cells_total, None, ""
             row.source_line = ""

@@ -409,6 +409,9 @@ class RunWidget:
         if row.reasons and row.status != StepStatus.SKIPPED:
             items.append(f'<div><span class="nbflow-muted">why it ran</span> {html.escape("; ".join(row.reasons))}'
                          "</div>")
+        if row.worker:
+            items.append(f'<div><span class="nbflow-muted">ran on worker</span> <code>{html.escape(row.worker)}</code>'
+                         "</div>")
         return f'<div class="nbflow-more">{"".join(items)}</div>' if items else ""
 
     def href(self, path: str) -> str:
