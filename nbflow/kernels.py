@@ -192,15 +192,15 @@ class KernelPool:
         self._refill()
 
     def prestart(self, key: str, request: KernelRequest) -> None:
-        """Start a kernel for step ``key`` in the background (no-op if full, present or closed).
+        """Make a kernel ready for step ``key`` in the background (no-op if full, present or closed).
 
-        Nothing is started for a request that a warm fork can serve: one is ready or starting.
+        A warm fork is given the step's directory and environment at once (so the step finds its kernel
+        ready, not merely warm); other kernels are started for it.
         """
-        if self._closed or key in self._prestarted or self._serves(request):
+        if self._closed or key in self._prestarted or len(self._prestarted) >= self._max_prestarted:
             return
-        if len(self._prestarted) >= self._max_prestarted:
-            return
-        task = asyncio.get_running_loop().create_task(self._start(request), name=f"prestart kernel for {key}")
+        start = self._ready_for(request) if self._serves(request) else self._start(request)
+        task = asyncio.get_running_loop().create_task(start, name=f"prestart kernel for {key}")
         self._prestarted[key] = (request, task)
 
     async def acquire(self, key: str, request: KernelRequest) -> StartedKernel:
@@ -213,9 +213,12 @@ class KernelPool:
             prestarted_request, task = prestarted
             if prestarted_request == request:
                 try:
-                    started = await task
+                    started = await asyncio.shield(task)  # a cancel of the step is the step's, not lost in it
                 except KernelStartError:
                     pass  # start again below: the failure may have been transient
+                except asyncio.CancelledError:
+                    self._prestarted.setdefault(key, prestarted)  # the pool stops it when it closes
+                    raise
                 else:
                     if await started.km.is_alive():
                         return started
@@ -227,6 +230,10 @@ class KernelPool:
             if started is not None:
                 return started
         return await self._start(request)
+
+    async def _ready_for(self, request: KernelRequest) -> StartedKernel:
+        started = await self._take_warm(request)
+        return started if started is not None else await self._start(request)
 
     def _serves(self, request: KernelRequest) -> bool:
         """Whether warm forks are kept for this request's kernel."""
@@ -248,13 +255,16 @@ class KernelPool:
             km = _manager(kernel_name, self._folder_path(), self._server(), warm=True)
             try:
                 await km.start_kernel(cwd=self._folder_path(), env=env)
+                # connected now, while it waits: its sockets are bound, and iopub is subscribed long before the
+                # step's first request, so that readiness is one round trip
+                kc = _client(km)
             except BaseException:
                 await _kill_and_release(km)
                 raise
         except Exception:  # noqa: BLE001 - the step that asks starts its kernel as it would without the pool
             self._warm_count = 0
             return None
-        return _WarmFork(km, kernel_name, _startup_env(env))
+        return _WarmFork(km, kc, kernel_name, _startup_env(env))
 
     async def _take_warm(self, request: KernelRequest) -> StartedKernel | None:
         """The oldest warm fork, given the request's directory and environment and ready; None if it cannot be."""
@@ -282,12 +292,13 @@ class KernelPool:
                 raise ForkServerError("the warm fork does not fit this request")
             await warm.km.provisioner.specialize(cwd, env)  # type: ignore[union-attr]
         except BaseException as e:
+            warm.kc.stop_channels()
             await asyncio.shield(_kill_and_release(warm.km))
             if isinstance(e, (ForkServerError, OSError)):
                 return None  # the step gets a kernel started for it
             raise
         try:
-            return await _connected(warm.km, warm.kernel_name, "forkserver", None)
+            return await _connected(warm.km, warm.kernel_name, "forkserver", None, warm.kc)
         except KernelStartError:
             return None  # it died on the way: the step gets a kernel started for it
 
@@ -335,6 +346,7 @@ class _WarmFork:
     """A kernel forked and initialised without a step: it serves once given a directory and an environment."""
 
     km: AsyncKernelManager
+    kc: AsyncKernelClient  # connected already
     kernel_name: str
     startup_env: dict[str, str]  # what of its environment it read while initialising
 
@@ -477,16 +489,22 @@ def _manager(kernel_name: str, folder: str, server: ForkServer | None, *, warm: 
     return km
 
 
-async def _connected(km: AsyncKernelManager, kernel_name: str, mode: str,
-                     fallback_reason: str | None) -> StartedKernel:
-    """The launched kernel with a connected client, once it is ready (killed if it never is)."""
+def _client(km: AsyncKernelManager) -> AsyncKernelClient:
+    """A client of the kernel, its channels started."""
     import zmq
 
-    kc = None
+    kc = km.client()
+    kc.context.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_INTERVAL_MS)
+    kc.start_channels(hb=False)  # liveness comes from the process, not heartbeats
+    return kc
+
+
+async def _connected(km: AsyncKernelManager, kernel_name: str, mode: str, fallback_reason: str | None,
+                     kc: AsyncKernelClient | None = None) -> StartedKernel:
+    """The launched kernel with a connected client (`kc`, or a new one), once it is ready (killed if it never is)."""
     try:
-        kc = km.client()
-        kc.context.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_INTERVAL_MS)
-        kc.start_channels(hb=False)  # liveness comes from the process, not heartbeats
+        if kc is None:
+            kc = _client(km)
         await _wait_until_ready(km, kc, kernel_name)
     except BaseException:
         if kc is not None:
@@ -608,6 +626,7 @@ async def _discard_warm(task: asyncio.Task[_WarmFork | None]) -> None:
         return
     warm = task.result()
     assert warm is not None
+    warm.kc.stop_channels()
     await _kill_and_release(warm.km)
 
 

@@ -343,8 +343,6 @@ def test_a_warm_fork_is_handed_out_and_the_next_one_starts_at_once(tmp_path: Pat
         try:
             pool.keep_warm(1)
             (warm,) = await warm_pids(pool)
-            pool.prestart("a", request(tmp_path / "step", NBFLOW_STEP="a"))
-            assert pool._prestarted == {}  # a warm fork serves it: nothing started for the step itself
             first = await pool.acquire("a", request(tmp_path / "step", NBFLOW_STEP="a"))
             assert first.pid == warm and first.mode == "forkserver"
             assert len(pool._warm) == 1  # taken: the next one is starting already
@@ -362,6 +360,25 @@ def test_a_warm_fork_is_handed_out_and_the_next_one_starts_at_once(tmp_path: Pat
     before = descendants()
     asyncio.run(main())
     assert wait_until(lambda: descendants() <= before)
+
+
+def test_a_hint_readies_a_warm_fork_for_its_step_before_the_step_asks(tmp_path: Path) -> None:
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=1)
+        try:
+            pool.keep_warm(1)
+            (warm,) = await warm_pids(pool)
+            pool.prestart("a", request(tmp_path, NBFLOW_STEP="a"))
+            ready = await pool._prestarted["a"][1]  # the warm fork, given step a's directory and environment
+            assert ready.pid == warm and len(pool._warm) == 1
+            started = await pool.acquire("a", request(tmp_path, NBFLOW_STEP="a"))
+            assert started is ready
+            assert await execute(started, "import os; print(os.environ['NBFLOW_STEP'])") == "a\n"
+            await started.stop()
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
 
 
 def test_a_kernel_from_a_warm_fork_matches_an_ordinary_kernel(tmp_path: Path) -> None:
