@@ -306,14 +306,16 @@ class Runner:
         future.add_done_callback(done)
 
     def _prestart(self, ready: list[str]) -> None:
-        """Ask for kernels for steps that will be ready once what runs now finishes."""
+        """Ask for kernels for the steps that start next: those waiting for a free slot, then those that will be
+        ready once what runs now finishes. (A pool that keeps warm forks needs no hint for a kernel it can fork:
+        it starts the next one whenever one is taken.)"""
         running = self._running
         soon = [n for n in self.plan.to_run
                 if self.results[n].status == StepStatus.PENDING and n not in ready
                 and all(u in running or self.results.get(u, StepResult(u, StepStatus.SUCCEEDED)).status
                         in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for u in self.graph.upstream[n])
                 and any(u in running for u in self.graph.upstream[n])]
-        for name in soon[: self.jobs]:
+        for name in (ready + soon)[: self.jobs]:
             self.executor.prestart(self._task(name, attempt=1))
 
     def _task(self, name: str, attempt: int) -> StepTask:

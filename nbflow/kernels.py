@@ -226,9 +226,9 @@ class KernelPool:
             else:
                 await _discard_start(task)
         if self._serves(request):
-            started = await self._take_warm(request)
-            if started is not None:
-                return started
+            warm = await self._take_warm(request)
+            if warm is not None:
+                return warm
         return await self._start(request)
 
     async def _ready_for(self, request: KernelRequest) -> StartedKernel:

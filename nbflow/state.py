@@ -217,11 +217,11 @@ class Ledger:
         row = self._cached_hash(key)
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2], st.st_size
-        digest = sha256_file(path)
+        sha = sha256_file(path)
         # written with the next transaction (a step's success records the file anyway) or at close(); a
         # read-only ledger (status) just hashes again next time
-        self._unsaved_hashes[key] = (st.st_size, st.st_mtime_ns, digest)
-        return digest, st.st_size
+        self._unsaved_hashes[key] = (st.st_size, st.st_mtime_ns, sha)
+        return sha, st.st_size
 
     def tree(self, folder: Path | str, storage: Mapping[str, Mapping[str, Any]] | None = None
              ) -> dict[str, tuple[str, int]]:

@@ -117,10 +117,10 @@ def follow(graph: "Graph | None", root: Path) -> Followed:
         search = graph.python_path()
         for step in graph.steps.values():
             for label, path in step.input_paths():
-                if "://" not in label:
+                if isinstance(path, Path):  # not a URL: nothing to hear of it from this machine's files
                     (folders if is_folder_path(label) else files).add(path)
-            for label, path in step.output_paths():
-                if "://" not in label:
+            for _, path in step.output_paths():
+                if isinstance(path, Path):
                     outputs.add(path)
             if step.imports:
                 modules.update(project_modules(step.imports, (*search, step.folder)))

@@ -90,7 +90,7 @@ class WatchWidget:
 
         self.model.controls = self._controls(kernel_id=_kernel_id())
         bundle = self.model._repr_mimebundle_()
-        data = dict(bundle[0] if isinstance(bundle, tuple) else bundle)
+        data = dict((bundle[0] if isinstance(bundle, tuple) else bundle) or {})
         data.update({"text/html": self.static_html(), "text/plain": self.static_text()})
         self._handle = display(data, raw=True, display_id=True)
 
