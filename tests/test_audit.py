@@ -35,6 +35,7 @@ def repo(tmp_path, notebook_factory):
     return root
 
 
+@pytest.mark.slow
 def test_a_run_records_the_commit_and_whether_the_tree_was_dirty(repo):
     pipeline = repo / "notebooks"
     first = git(repo, "rev-parse", "HEAD")
@@ -66,6 +67,7 @@ def test_a_run_records_the_commit_and_whether_the_tree_was_dirty(repo):
     assert first in page.read_text() and "notebooks/helper.py" in page.read_text()
 
 
+@pytest.mark.slow
 def test_status_says_when_the_code_differs_from_the_last_run_s_commit(repo):
     pipeline = repo / "notebooks"
     assert nbflow.run(pipeline, display=False).ok

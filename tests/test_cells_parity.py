@@ -31,6 +31,9 @@ from conftest import FIXTURES
 from kernel_helpers import shut_down_shared_fork_server  # noqa: F401  (autouse fixture)
 from test_cells import run_notebook_cells
 
+# integration: runs with the full suite (`pytest -m "slow or not slow"`, what CI runs)
+pytestmark = pytest.mark.slow
+
 PARITY = FIXTURES / "nbclient_parity"
 DIFFERENT = {
     "Check History in Memory.ipynb": "nbclient starts IPython kernels with --HistoryManager.hist_file=:memory:; "

@@ -276,6 +276,7 @@ def test_show_and_history_give_parameters_and_fold_idle_runs(fixture_pipeline):
     assert "      parameters: scale=3" in cli("show", str(root), first).stdout
 
 
+@pytest.mark.slow
 def test_every_command_speaks_json(fixture_pipeline, tmp_path):
     root = fixture_pipeline("diamond")
     assert cli("run", str(root)).returncode == 0

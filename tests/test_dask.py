@@ -6,6 +6,9 @@ import pytest
 
 import nbflow
 
+# integration: runs with the full suite (`pytest -m "slow or not slow"`, what CI runs)
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("distributed")
 
 

@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+
+# integration: runs with the full suite (`pytest -m "slow or not slow"`, what CI runs)
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parent.parent
 FORECASTS = {f"forecast[window={w},features={f}]" for w in (1, 3, 7, 14) for f in ("temp", "all")}

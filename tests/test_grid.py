@@ -102,6 +102,7 @@ def test_outputs_declared_as_a_list_keep_their_shape(tmp_path, notebook_factory)
 
 # -- running a grid ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_each_instance_writes_its_partition_and_the_fan_in_reads_them_all(fixture_pipeline):
     root = fixture_pipeline("grid")
     source = (root / "train.ipynb").read_bytes()
@@ -133,6 +134,7 @@ def test_each_instance_writes_its_partition_and_the_fan_in_reads_them_all(fixtur
     assert made["step"] == "train[scale=2.0,power=1]" and made["parameters"]["scale"] == 2.0
 
 
+@pytest.mark.slow
 def test_the_notebook_run_by_hand_keeps_its_defaults_and_plain_paths(fixture_pipeline):
     import nbformat
     from nbclient import NotebookClient
@@ -149,6 +151,7 @@ def test_the_notebook_run_by_hand_keeps_its_defaults_and_plain_paths(fixture_pip
                             "partition folders"}]
 
 
+@pytest.mark.slow
 def test_adding_a_value_reruns_only_the_new_instances_and_removing_one_leaves_outputs_behind(fixture_pipeline):
     root = fixture_pipeline("grid")
     assert run(root, jobs=2).ok
@@ -185,6 +188,7 @@ def test_adding_a_value_reruns_only_the_new_instances_and_removing_one_leaves_ou
     assert run(root).ok and len(pd.read_csv(root / "summary.csv")) == 6
 
 
+@pytest.mark.slow
 def test_one_instance_or_a_slice_of_the_grid_selected_by_name(fixture_pipeline):
     root = fixture_pipeline("grid")
     one = statuses(nbflow_cli("run", str(root), "train[scale=2.0,power=3]", "--json"))
@@ -199,6 +203,7 @@ def test_one_instance_or_a_slice_of_the_grid_selected_by_name(fixture_pipeline):
     assert "no step named 'trian' (did you mean 'train'?); steps: other, prep, train[…], summary" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_instance_stops_only_the_fan_in_and_keeps_its_retries(fixture_pipeline):
     root = fixture_pipeline("grid")
     config = root / "nbflow.yaml"
@@ -216,6 +221,7 @@ def test_a_failing_instance_stops_only_the_fan_in_and_keeps_its_retries(fixture_
     assert again["train[scale=1.0,power=1]"] == ("fresh", ())
 
 
+@pytest.mark.slow
 def test_values_published_by_a_gridded_step_reach_the_consumer_as_one_row_per_instance(fixture_pipeline):
     root = fixture_pipeline("grid")
     result = run(root, "summary", grid={"train": {"scale": [1.0], "power": [1, 2]}})

@@ -37,6 +37,7 @@ def test_imported_names_and_project_modules(project):
     assert imported_names("%matplotlib inline\nimport x") == ()  # magics: not Python, nothing read
 
 
+@pytest.mark.slow
 def test_the_project_runs_and_a_module_edit_makes_exactly_its_importers_stale(project):
     pipeline = project / "notebooks"
     result = nbflow.run(pipeline, display=False)
@@ -59,6 +60,7 @@ def test_the_project_runs_and_a_module_edit_makes_exactly_its_importers_stale(pr
     assert stale(pipeline) == {}
 
 
+@pytest.mark.slow
 def test_a_missing_project_module_names_the_pythonpath_fix(project):
     pipeline = project / "notebooks"
     (pipeline / "nbflow.yaml").write_text("pythonpath: []\n")  # no project root on sys.path

@@ -255,6 +255,7 @@ READ_COMMANDS = [("status",), ("history",), ("history", "--json"), ("show", "lat
                  ("lineage", "data/d.txt"), ("report", "-o", "report.html")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["pages_overwritten", "truncated", "random_bytes"])
 def test_a_damaged_ledger_is_a_clear_error_everywhere_and_repair_moves_it_aside(fixture_pipeline, how):
     root = fixture_pipeline("diamond")

@@ -22,6 +22,9 @@ from nbflow.errors import CommandError, PipelineError
 from nbflow.graph import build_graph
 from nbflow.migrate import import_ploomber
 
+# integration: runs with the full suite (`pytest -m "slow or not slow"`, what CI runs)
+pytestmark = pytest.mark.slow
+
 NBFLOW = [sys.executable, "-m", "nbflow.cli"]
 
 

@@ -36,6 +36,9 @@ from conftest import FIXTURES, write_notebook
 from nbflow import papermill_engine
 from nbflow.papermill_engine import NbflowEngine
 
+# integration: runs with the full suite (`pytest -m "slow or not slow"`, what CI runs)
+pytestmark = pytest.mark.slow
+
 PARITY = FIXTURES / "papermill_parity"
 _ADDRESS = re.compile(r"0x[0-9a-f]{6,16}")
 _CELL_FILE = re.compile(r"/tmp/ipykernel_\d+/\d+\.py")  # IPython's name for a cell's code in a traceback

@@ -259,6 +259,7 @@ def test_cell_raises_is_reported_in_json_with_exit_code_1(fixture_pipeline):
     assert steps["sidecar"]["status"] == steps["extract"]["status"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_a_failing_cell_that_printed_30_mb_leaves_a_small_ledger_and_bounded_errors(fixture_pipeline):
     root = fixture_pipeline("loud_failure")
     result = cli("run", root, "--json")
@@ -371,6 +372,7 @@ def test_transient_failures_are_retried_with_backoff_and_every_attempt_is_kept(f
 
 # -- hangs ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_step_and_cell_timeouts_kill_the_kernel_and_what_it_started(fixture_pipeline):
     root = fixture_pipeline("hangs")
     result = nbflow.run(root, jobs=2, display=False)
@@ -396,6 +398,7 @@ def test_step_and_cell_timeouts_kill_the_kernel_and_what_it_started(fixture_pipe
     assert rows["hang_cell"]["error_kind"] == "timeout"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forkserver", ["1", "0"], ids=["forkserver", "ordinary-kernels"])
 def test_a_process_a_step_started_in_its_own_session_is_killed_when_the_step_ends(fixture_pipeline, monkeypatch,
                                                                                  forkserver):
@@ -417,6 +420,7 @@ def test_a_process_a_step_started_in_its_own_session_is_killed_when_the_step_end
 
 # -- the kernel dies --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_dying_kernel_fails_the_step_with_the_last_cell_that_ran(fixture_pipeline):
     root = fixture_pipeline("kernel_dies")
     handle = nbflow.run(root, jobs=3, display=False, background=True)
@@ -465,6 +469,7 @@ def test_interrupt_cancels_the_run_saves_notebooks_and_leaves_no_kernel(fixture_
 
 # -- nbflow itself killed ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forkserver", ["1", "0"], ids=["forkserver", "ordinary-kernels"])
 def test_nbflow_killed_mid_run_is_recovered_by_the_next_run(fixture_pipeline, forkserver, private_tempdir):
     root = fixture_pipeline("slow")
@@ -537,6 +542,7 @@ def test_a_second_run_is_refused_at_once_naming_the_running_one(fixture_pipeline
 
 # -- half-written outputs -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_half_written_output_is_not_recorded_and_the_next_run_reruns(fixture_pipeline):
     root = fixture_pipeline("partial_output")
     broken = nbflow.run(root, display=False)
@@ -673,6 +679,7 @@ def test_full_disk_before_the_run_is_a_clear_error(tmp_path, notebook_factory):
         assert not (root / "small.txt").exists()  # nothing ran
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_is_a_clear_error_and_the_ledger_stays_consistent(tmp_path, notebook_factory):
     root = tmp_path / "fills"
     notebook_factory(root / "small.ipynb", 'outputs = {"o": "small.txt"}', 'open(outputs["o"], "w").write("x")')

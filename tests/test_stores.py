@@ -17,6 +17,9 @@ from nbflow.graph import build_graph
 
 from s3_server import s3, s3_server  # noqa: F401  (fixture)
 
+# integration: runs with the full suite (`pytest -m "slow or not slow"`, what CI runs)
+pytestmark = pytest.mark.slow
+
 
 def test_a_url_is_normalised_and_a_local_path_is_not_a_url():
     assert stores.normalise("S3://bkt//raw/../raw/a.csv/") == "s3://bkt/raw/a.csv"

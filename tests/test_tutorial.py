@@ -6,7 +6,11 @@ import shutil
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+# integration: runs with the full suite (`pytest -m "slow or not slow"`, what CI runs)
+pytestmark = pytest.mark.slow
 
 TUTORIAL = Path(__file__).parents[1] / "notebooks" / "tutorial.ipynb"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"

@@ -25,6 +25,9 @@ from nbflow.ui.log import WatchLog
 from nbflow.ui.terminal import WatchProgress
 from nbflow.ui.watch_widget import WatchWidget
 
+# integration: runs with the full suite (`pytest -m "slow or not slow"`, what CI runs)
+pytestmark = pytest.mark.slow
+
 NBFLOW = str(Path(sys.executable).parent / "nbflow")
 
 

@@ -502,6 +502,7 @@ def test_a_blocking_run_cancelled_through_the_request_file(fixture_pipeline, mon
     assert result.steps["total"].status in (StepStatus.CANCELLED, StepStatus.NOT_RUN)
 
 
+@pytest.mark.slow
 def test_waiting_for_a_background_run_and_interrupting_cancels_it(fixture_pipeline, monkeypatch):
     root = fixture_pipeline("widget_slow_steps")
     handle = nbflow.run(root, parameters={"delay": 3}, background=True, display=False)
