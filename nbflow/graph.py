@@ -196,6 +196,8 @@ def other_pipelines(root: Path, nested: list[Path]) -> list[Problem]:
         if above == above.parent or above == home.parent:
             break  # never the file system's root or the folder of home folders: a stray _nbflow/ there is no project
         if (above / STATE_DIR).is_dir() or (above / CONFIG_NAME).exists():
+            if _left_out_by(above, root):
+                break  # the enclosing pipeline excludes this folder: its notebooks are nobody else's steps
             return [Problem(f"{root} is inside the pipeline {above} (it has {STATE_DIR}/ or {CONFIG_NAME}); run "
                             f"`nbflow run {above}` (name steps to run only some), {make_own}")]
         if (above / ".git").exists() or (above / "pyproject.toml").is_file():
@@ -205,6 +207,18 @@ def other_pipelines(root: Path, nested: list[Path]) -> list[Problem]:
         return [Problem(f"{inner} below {root} is a pipeline already (it has {STATE_DIR}/); run "
                         f"`nbflow run {inner}`, {make_own}")]
     return []
+
+
+def _left_out_by(pipeline: Path, folder: Path) -> bool:
+    """Whether the pipeline's nbflow.yaml leaves every notebook of `folder` out (exclude:, or an include: it misses)."""
+    try:
+        config = load_config(pipeline)
+    except PipelineError:
+        return False
+    probe = f"{folder.relative_to(pipeline).as_posix()}/notebook.ipynb"
+    if config.include and not any(fnmatch.fnmatch(probe, pat) for pat in config.include):
+        return True
+    return any(fnmatch.fnmatch(probe, pat) for pat in config.exclude)
 
 
 def discover(root: Path, config: Config, nested: list[Path] | None = None) -> list[Path]:

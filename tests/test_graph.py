@@ -190,3 +190,12 @@ def test_a_folder_inside_or_around_a_pipeline_is_not_a_second_ledger_unsaid(fixt
         build_graph(root.parent)
     (root / "sub" / "nbflow.yaml").write_text("")  # a pipeline of its own, on purpose
     assert list(build_graph(root / "sub").steps) == ["e"]
+
+
+def test_a_folder_the_enclosing_pipeline_excludes_is_a_pipeline_of_its_own(tmp_path, notebook_factory):
+    """The tutorial works in notebooks/tutorial_work/, which notebooks/nbflow.yaml excludes."""
+    notebook_factory(tmp_path / "a.ipynb", 'outputs = {}', "x = 1")
+    (tmp_path / "nbflow.yaml").write_text('exclude: ["scratch/**"]\n')
+    notebook_factory(tmp_path / "scratch" / "b.ipynb", 'outputs = {}', "x = 1")
+    assert list(build_graph(tmp_path / "scratch").steps) == ["b"]
+    assert list(build_graph(tmp_path).steps) == ["a"]

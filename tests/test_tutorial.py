@@ -38,6 +38,10 @@ def code_cell(nb, starts_with: str, nth: int = 0):
 def test_tutorial_runs_top_to_bottom(tmp_path):
     # a copy, so the tutorial's work folder is made in tmp_path and not in the repository
     shutil.copy(TUTORIAL, tmp_path / TUTORIAL.name)
+    # beside it, as in notebooks/ after README command 1: the example's nbflow.yaml (which excludes the
+    # tutorial's work folder) and its _nbflow/, so the tutorial's own pipeline sits inside another one
+    shutil.copy(TUTORIAL.parent / "nbflow.yaml", tmp_path / "nbflow.yaml")
+    (tmp_path / "_nbflow").mkdir()
     nb = nbformat.read(tmp_path / TUTORIAL.name, as_version=4)
     assert not any("parameters" in c.metadata.get("tags", []) for c in nb.cells)  # not a step itself
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
