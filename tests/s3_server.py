@@ -68,6 +68,11 @@ def s3_server():
                                stderr=subprocess.DEVNULL, start_new_session=True)
     saved = {k: os.environ.get(k) for k in (*AWS_ENV, "AWS_ENDPOINT_URL")}
     os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=endpoint)
+    # fsspec keeps S3 file systems by their options, not by the endpoint botocore reads from the environment:
+    # one made for an earlier module's server would still talk to that (stopped) server
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         wait_for_port(port)
         yield endpoint
@@ -77,6 +82,7 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
         stop_group(process)
 
 
