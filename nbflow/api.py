@@ -13,7 +13,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from . import stores
 from .config import load_config
@@ -159,6 +159,20 @@ class Pipeline:
         return f"Pipeline({str(self.root)!r}, steps={list(self._graph.order)})"
 
 
+def wait_or_stop(finished: threading.Event, timeout: float | None, stop: Callable[[], None]) -> None:
+    """Wait for `finished` (at most `timeout`); Ctrl-C (or the kernel's interrupt) meanwhile calls `stop`
+    and then waits for the end, so that what was stopped is always wound down cleanly."""
+    try:
+        finished.wait(timeout)
+    except KeyboardInterrupt:
+        stop()
+        while not finished.is_set():
+            try:
+                finished.wait()
+            except KeyboardInterrupt:
+                pass
+
+
 class RunHandle:
     """A run going on in a background thread: `.wait()`, `.cancel()`, `.result`, `.done`."""
 
@@ -193,15 +207,7 @@ class RunHandle:
         Interrupting the kernel (or Ctrl-C) while waiting cancels the run, as
         for a run in the foreground, and waits for it to end cleanly.
         """
-        try:
-            self._finished.wait(timeout)
-        except KeyboardInterrupt:
-            self.cancel()
-            while not self._finished.is_set():
-                try:
-                    self._finished.wait()
-                except KeyboardInterrupt:
-                    pass
+        wait_or_stop(self._finished, timeout, self.cancel)
         if self.error is not None:
             raise self.error
         return self.result

@@ -87,20 +87,25 @@ def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], for
                      dask_address=dask_address, fail_fast=fail_fast, background=True, listeners=listeners,
                      display=False)
     assert isinstance(handle, api.RunHandle)
-    previous = signal.signal(signal.SIGTERM, lambda *_: handle.cancel())
-    try:
-        while not handle.done:
-            try:
-                handle.wait(timeout=0.2)
-            except KeyboardInterrupt:
-                handle.cancel()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    _wait_in_foreground(handle, handle.cancel)
     result = handle.wait()
     assert result is not None
     if as_json:
         click.echo(json.dumps(result.to_json()))
     sys.exit(0 if result.ok else 1)
+
+
+def _wait_in_foreground(handle: Any, stop: Any) -> None:
+    """Wait for a run or a watch going on in its thread; Ctrl-C and SIGTERM `stop` it, cleanly."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop())
+    try:
+        while not handle.done:
+            try:
+                handle.wait(timeout=0.2)
+            except KeyboardInterrupt:
+                stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _watch(pipeline: Path, steps: tuple[str, ...], overrides: dict[str, Any], **options: Any) -> None:
@@ -110,15 +115,7 @@ def _watch(pipeline: Path, steps: tuple[str, ...], overrides: dict[str, Any], **
 
     handle = api.watch(pipeline, steps, parameters=overrides, listeners=[_progress_listener(watch=True)],
                        display=False, call=command_line(), **options)
-    previous = signal.signal(signal.SIGTERM, lambda *_: handle.stop())
-    try:
-        while not handle.done:
-            try:
-                handle.wait(timeout=0.2)
-            except KeyboardInterrupt:
-                handle.stop()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    _wait_in_foreground(handle, handle.stop)
     try:
         handle.wait()
     except NbflowError:

@@ -20,7 +20,7 @@ import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from . import stores
 from .errors import LedgerDamaged, PipelineError, PipelineLocked, Problem, StateError
@@ -476,47 +476,32 @@ class _LedgerCursor(sqlite3.Cursor):
             return connection.ledger.damaged(str(e))
         return e
 
-    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+    def _guarded(self, call: Callable[..., Any], *args: Any) -> Any:
         try:
-            return super().execute(sql, parameters)
+            return call(*args)
         except sqlite3.DatabaseError as e:
             raise self._converted(e) from None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        return self._guarded(super().execute, sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> Any:
-        try:
-            return super().executemany(sql, parameters)
-        except sqlite3.DatabaseError as e:
-            raise self._converted(e) from None
+        return self._guarded(super().executemany, sql, parameters)
 
     def executescript(self, script: str, /) -> Any:
-        try:
-            return super().executescript(script)
-        except sqlite3.DatabaseError as e:
-            raise self._converted(e) from None
+        return self._guarded(super().executescript, script)
 
     def fetchone(self) -> Any:
-        try:
-            return super().fetchone()
-        except sqlite3.DatabaseError as e:
-            raise self._converted(e) from None
+        return self._guarded(super().fetchone)
 
     def fetchmany(self, size: int | None = None) -> list[Any]:
-        try:
-            return super().fetchmany(self.arraysize if size is None else size)
-        except sqlite3.DatabaseError as e:
-            raise self._converted(e) from None
+        return self._guarded(super().fetchmany, self.arraysize if size is None else size)
 
     def fetchall(self) -> list[Any]:
-        try:
-            return super().fetchall()
-        except sqlite3.DatabaseError as e:
-            raise self._converted(e) from None
+        return self._guarded(super().fetchall)
 
     def __next__(self) -> Any:
-        try:
-            return super().__next__()
-        except sqlite3.DatabaseError as e:
-            raise self._converted(e) from None
+        return self._guarded(super().__next__)
 
 
 def _file_kind(mode: int) -> str:

@@ -449,15 +449,9 @@ class WatchHandle:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the watch has ended (True) or `timeout` passed (False). Ctrl-C while waiting stops it."""
-        try:
-            self._finished.wait(timeout)
-        except KeyboardInterrupt:
-            self.stop()
-            while not self._finished.is_set():
-                try:
-                    self._finished.wait()
-                except KeyboardInterrupt:
-                    pass
+        from .api import wait_or_stop  # noqa: PLC0415
+
+        wait_or_stop(self._finished, timeout, self.stop)
         if self.error is not None:
             raise self.error
         return self._finished.is_set()
