@@ -110,8 +110,18 @@ class Lab:
         """Wait until a kernel, and everything started since `others` were running, has exited."""
         deadline = time.time() + 15
         while time.time() < deadline:
-            left = []
+            # a kernel the server still manages (Lab may start one for a notebook it keeps open) is not a
+            # leftover of the kernel shut down; anything else new is
+            alive = {k["id"] for k in self.api("GET", "/api/kernels")} - {kernel_id}
+            managed = set()
             for p in self.processes():
+                try:
+                    if any(f"kernel-{other}.json" in arg for other in alive for arg in p.cmdline()):
+                        managed |= {p, *p.children(recursive=True)}
+                except psutil.Error:
+                    pass
+            left = []
+            for p in self.processes() - managed:
                 try:
                     if p not in others or any(kernel_id in arg for arg in p.cmdline()):
                         left.append(p)
@@ -120,7 +130,13 @@ class Lab:
             if not left:
                 return
             time.sleep(0.1)
-        raise AssertionError(f"still running after the kernel was shut down: {left}")
+        described = []
+        for p in left:
+            try:
+                described.append(f"{p.pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:200]}")
+            except psutil.Error:
+                described.append(str(p))
+        raise AssertionError(f"still running after the kernel was shut down: {described}")
 
 
 def _notebook(path: Path, *sources: str, parameters: str | None = None) -> None:
