@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from .errors import NbflowError, Problem
 from .events import Event, Listener, RunResult, WatchCycleFinished, WatchCycleStarted, WatchStopped
+from .graph import relative_to
 
 if TYPE_CHECKING:
     from .api import RunHandle
@@ -302,7 +303,7 @@ class Watch:
         from . import api  # noqa: PLC0415
 
         started = time.time()
-        paths = tuple(sorted(_shown(p, self.pipeline) for p in changed))
+        paths = tuple(sorted(relative_to(p, self.pipeline) for p in changed))
         self._emit(WatchCycleStarted(number, paths, started))
         hooks = WatchCycle(self)
         result: RunResult | None = None
@@ -399,14 +400,6 @@ def _describe_error(error: NbflowError) -> str:
     if problems:
         return "\n".join(str(p) for p in problems)
     return str(error)
-
-
-def _shown(path: Path, root: Path) -> str:
-    """A changed path as the user names it: relative to the pipeline folder (with `..` outside it)."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return Path(os.path.relpath(path, root)).as_posix()
 
 
 # -- the handle ------------------------------------------------------------------------

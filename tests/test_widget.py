@@ -687,3 +687,11 @@ def test_the_worker_a_step_ran_on_is_shown(pipeline):
     w(StepSucceeded("numbers", 1, 0.5, notebook("numbers"), "fp", {}, {}, (), (), t0, worker="tcp://10.0.0.7:40123"))
     assert w.view.steps["numbers"].worker == "tcp://10.0.0.7:40123"
     assert "ran on worker" in w._more_html(w.view.steps["numbers"]) and "10.0.0.7:40123" in w.static_html()
+
+
+def test_a_step_s_outputs_in_an_object_store_are_named_not_linked(tmp_path, notebook_factory):
+    notebook_factory(tmp_path / "a.ipynb", 'outputs = {"o": "s3://bucket/out.csv", "l": "local.csv"}', "x = 1")
+    w = make_widget(tmp_path)
+    more = w._more_html(w.view.steps["a"])
+    assert "<code>s3://bucket/out.csv</code>" in more and "local.csv" in more
+    assert "s3:/bucket" not in more  # never turned into a broken file path

@@ -12,7 +12,6 @@ cannot disagree. Imports nothing heavy: no ipywidgets, no rich.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -194,10 +193,11 @@ class RunView:
         step = graph.steps.get(row.name) if graph is not None else None
         if graph is None or step is None:
             return
-        from ..params import is_secret_name  # noqa: PLC0415 - only the widget gives a graph
+        from ..graph import relative_to  # noqa: PLC0415 - only the widget gives a graph
+        from ..params import is_secret_name  # noqa: PLC0415
 
         root = Path(graph.root)
-        row.outputs = tuple(Path(os.path.relpath(ref.path, root)).as_posix() for ref in graph.outputs_of(row.name)
+        row.outputs = tuple(relative_to(ref.path, root) for ref in graph.outputs_of(row.name)  # a URL stays one
                             if not ref.label.startswith("value "))
         values = {name: p.default for name, p in step.parameters.items() if name not in ("inputs", "outputs")}
         values.update({k: v for k, v in self._injected.get(row.name, {}).items() if k not in ("inputs", "outputs")})

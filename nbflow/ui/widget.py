@@ -404,7 +404,8 @@ class RunWidget:
             items.append(f'<div class="nbflow-params"><span class="nbflow-muted">parameters</span> '
                          f"<code>{values}</code></div>")
         if row.outputs:
-            links = " ".join(self._link_html(p, "nbflow-output", p, f"open {p}") for p in row.outputs)
+            links = " ".join(f"<code>{html.escape(p)}</code>" if "://" in p  # an object in a store: no file to open
+                             else self._link_html(p, "nbflow-output", p, f"open {p}") for p in row.outputs)
             items.append(f'<div class="nbflow-outputs"><span class="nbflow-muted">outputs</span> {links}</div>')
         if row.reasons and row.status != StepStatus.SKIPPED:
             items.append(f'<div><span class="nbflow-muted">why it ran</span> {html.escape("; ".join(row.reasons))}'
