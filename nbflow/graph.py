@@ -24,7 +24,7 @@ from .grid import (MAX_NAME_BYTES, Grid, LeftBehind, expand, format_value, injec
                    parse_selection, partition, partitioned, value_problem)
 from .grid import left_behind as _left_behind
 from .layout import STATE_DIR, StateLayout
-from .notebook import NOTEBOOK_SUFFIXES, NotAStep, Step, is_percent_script, read_step
+from .notebook import NOTEBOOK_SUFFIXES, NotAStep, Step, is_folder_path, is_percent_script, read_step
 from .params import EnvRef, ValueRef, coerce, is_secret_name, plain_value, secret_env_var, secret_from_environment
 
 _SKIP_DIRS = {STATE_DIR, ".ipynb_checkpoints", "__pycache__", "node_modules"}
@@ -572,11 +572,6 @@ def lost_step_problem(nb: NotAStep, why: str) -> Problem:
         f"has no cell tagged 'parameters', so it is not a step, but {why}; restore the tag on {cell} (in Jupyter: "
         f"select the cell, open the property inspector (gear icon), add the tag parameters), or leave it out "
         f"of the pipeline with `exclude: [\"{nb.rel_path}\"]` in nbflow.yaml", file=nb.rel_path, step=nb.name)
-
-
-def is_folder_path(declared: str) -> bool:
-    """A declared path ending in `/` is a folder: it is hashed as a whole, and read as everything inside it."""
-    return declared.endswith(("/", os.sep))
 
 
 def _check_config(config: Config, steps: dict[str, Step], problems: list[Problem]) -> None:

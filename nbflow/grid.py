@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .notebook import Step
+from .notebook import Step, is_folder_path
 
 # characters a value cannot hold: path separators and `=` break the partition folder `key=value`; `,` `[` `]`
 # the instance's name; `%` is an escape to the Hive readers (pyarrow, Spark)
@@ -66,7 +66,7 @@ def partitioned(path: str, pairs: Sequence[tuple[str, Any]]) -> str:
     `parts/` -> `parts/alpha=0.1/seed=1/`.
     """
     part = partition(pairs)
-    if path.endswith(("/", os.sep)):
+    if is_folder_path(path):
         return f"{path}{part}/"
     folder, sep, name = path.rpartition("/")
     return f"{folder}/{part}/{name}" if sep else f"{part}/{name}"
@@ -74,7 +74,7 @@ def partitioned(path: str, pairs: Sequence[tuple[str, Any]]) -> str:
 
 def plain_root(path: str) -> str:
     """The folder under which the instances of a declared output write their partitions."""
-    if path.endswith(("/", os.sep)):
+    if is_folder_path(path):
         return path
     folder, sep, _ = path.rpartition("/")
     return f"{folder}/" if sep else "./"
@@ -174,7 +174,7 @@ def left_behind(grid: Grid, current: Iterable[Path]) -> list[LeftBehind]:
     seen: set[str] = set()
     for declared, plain in grid.step.output_paths():
         root = str(grid.step.resolve(plain_root(declared)))
-        if not declared.endswith(("/", os.sep)) and str(plain) not in outputs and os.path.lexists(plain):
+        if not is_folder_path(declared) and str(plain) not in outputs and os.path.lexists(plain):
             found.append(LeftBehind(grid.step.name, plain, f"{grid.step.rel_path}'s own output path, written by a "
                                                            "run by hand? its instances write partition folders"))
         if root in seen:

@@ -107,6 +107,11 @@ class NotAStep:
                 for p in self.outputs]
 
 
+def is_folder_path(declared: str) -> bool:
+    """A declared path ending in `/` is a folder: it is hashed as a whole, and read as everything inside it."""
+    return declared.endswith(("/", os.sep))
+
+
 def step_name(path: Path, root: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
