@@ -536,7 +536,7 @@ def show(pipeline: str | os.PathLike = ".", run_id: str = "latest") -> dict[str,
     """One run (a unique prefix of its id, or "latest"): the run's record and every step attempt with its files."""
     with read_ledger(pipeline) as ledger:
         chosen = ledger.find_run(run_id)
-        record = next(r for r in ledger.runs() if r["run_id"] == chosen)
+        [record] = ledger.runs(run_id=chosen)
         return {**record, "steps": ledger.step_runs(chosen)}
 
 

@@ -266,11 +266,13 @@ class Ledger:
             "AND started_at > ? ORDER BY started_at DESC LIMIT 1", (step, since)).fetchone()
         return (row[0], row[1]) if row else None
 
-    def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
+    def runs(self, limit: int | None = None, *, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Past runs, newest first (`run_id`: that one only), with their step counts."""
         audit = "audit" if self._has_audit() else "NULL"
         sql = (f"SELECT run_id, started_at, finished_at, status, pid, host, parameters, {audit} FROM runs "
-               "ORDER BY started_at DESC")
-        rows = self.conn.execute(sql + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+               + ("WHERE run_id=? " if run_id else "") + "ORDER BY started_at DESC")
+        rows = self.conn.execute(sql + (f" LIMIT {int(limit)}" if limit else ""),
+                                 (run_id,) if run_id else ()).fetchall()
         now = _StatusNow(self.state_dir)
         result = []
         for r in rows:
