@@ -206,9 +206,7 @@ class Ledger:
         except OSError:
             return None
         if stat.S_ISDIR(st.st_mode):
-            files = self.tree(path)
-            digest = hashlib.sha256("".join(f"{rel}\0{sha}\n" for rel, (sha, _) in files.items()).encode())
-            return "tree:" + digest.hexdigest(), sum(size for _, size in files.values())
+            return stores.tree_identity(self.tree(path))
         if not stat.S_ISREG(st.st_mode):
             raise PipelineError(Problem(
                 f"{self.rel(path)} is {_file_kind(st.st_mode)}, not a regular file or folder; nbflow hashes what "
@@ -222,6 +220,16 @@ class Ledger:
         # read-only ledger (status) just hashes again next time
         self._unsaved_hashes[key] = (st.st_size, st.st_mtime_ns, sha)
         return sha, st.st_size
+
+    def describe(self, path: Path | str, storage: Mapping[str, Mapping[str, Any]] | None = None
+                 ) -> tuple[tuple[str, int] | None, dict[str, tuple[str, int]] | None]:
+        """`file_hash` and, for a folder, its files (as `tree` gives them), walking or listing it once."""
+        if isinstance(path, str):
+            return stores.describe(path, storage)
+        if os.path.isdir(path):
+            files = self.tree(path)
+            return stores.tree_identity(files), files
+        return self.file_hash(path), None
 
     def tree(self, folder: Path | str, storage: Mapping[str, Mapping[str, Any]] | None = None
              ) -> dict[str, tuple[str, int]]:
@@ -545,10 +553,10 @@ def fingerprint_parts(graph: Graph, name: str, parameters: dict[str, Any], ledge
     folders: dict[str, dict[str, str]] = {}
     try:
         for ref in graph.inputs_of(name):
-            hashed = ledger.file_hash(ref.path, graph.config.storage)
+            hashed, files = ledger.describe(ref.path, graph.config.storage)
             inputs[ref.label] = hashed[0] if hashed else None
-            if hashed and hashed[0].startswith("tree:"):
-                folders[ref.label] = {rel: sha for rel, (sha, _) in ledger.tree(ref.path, graph.config.storage).items()}
+            if files is not None:
+                folders[ref.label] = {rel: sha for rel, (sha, _) in files.items()}
     except PipelineError as e:
         raise PipelineError([replace(p, file=step.rel_path, step=name) for p in e.problems]) from None
     parts = {"cells": [list(c) for c in step.cell_hashes], "parameters": effective, "kernel": kernel or step.kernel,

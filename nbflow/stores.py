@@ -110,6 +110,12 @@ def identity(url: str, storage: Mapping[str, Mapping[str, Any]] | None = None) -
     downloads anything. Raises PipelineError when the store cannot be asked
     (see `problem`), so that "cannot connect" is never taken for "missing".
     """
+    return describe(url, storage)[0]
+
+
+def describe(url: str, storage: Mapping[str, Mapping[str, Any]] | None = None
+             ) -> tuple[tuple[str, int] | None, dict[str, tuple[str, int]] | None]:
+    """`identity` and, for a folder, its objects (as `tree` gives them), from one listing."""
     fs, path = filesystem(url, storage)
     try:
         fs.invalidate_cache(path)  # a listing cached earlier in this process may predate the write of a step
@@ -117,13 +123,11 @@ def identity(url: str, storage: Mapping[str, Mapping[str, Any]] | None = None) -
             info = fs.info(path)
         except FileNotFoundError:
             _bucket_must_exist(fs, url, path)
-            return None
+            return None, None
         if info.get("type") == "directory":
-            found = fs.find(path, detail=True)
-            entries = sorted((posixpath.relpath(name, path), _object_identity(fs, entry)) for name, entry in found.items())
-            digest = hashlib.sha256("".join(f"{rel}\0{ident}\n" for rel, ident in entries).encode())
-            return "tree:" + digest.hexdigest(), sum(int(entry.get("size") or 0) for entry in found.values())
-        return _object_identity(fs, info), int(info.get("size") or 0)
+            files = _listing(fs, path, fs.find(path, detail=True))
+            return tree_identity(files), files
+        return (_object_identity(fs, info), int(info.get("size") or 0)), None
     except PipelineError:
         raise
     except Exception as e:  # noqa: BLE001 - every other failure of the store is said with its cause
@@ -138,8 +142,18 @@ def tree(url: str, storage: Mapping[str, Mapping[str, Any]] | None = None) -> di
         found = fs.find(path, detail=True)
     except Exception as e:  # noqa: BLE001
         raise PipelineError(Problem(problem(url, e))) from None
+    return _listing(fs, path, found)
+
+
+def _listing(fs: Any, path: str, found: dict[str, dict[str, Any]]) -> dict[str, tuple[str, int]]:
     return dict(sorted((posixpath.relpath(name, path), (_object_identity(fs, entry), int(entry.get("size") or 0)))
                        for name, entry in found.items()))
+
+
+def tree_identity(files: Mapping[str, tuple[str, int]]) -> tuple[str, int]:
+    """The identity of a folder, local or in a store: `tree:` and the sha256 of its names and file identities."""
+    digest = hashlib.sha256("".join(f"{rel}\0{ident}\n" for rel, (ident, _) in files.items()).encode())
+    return "tree:" + digest.hexdigest(), sum(size for _, size in files.values())
 
 
 def _object_identity(fs: Any, info: dict[str, Any]) -> str:
