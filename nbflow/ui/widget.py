@@ -280,11 +280,16 @@ class RunWidget:
                 f'<div class="nbflow-rows{scroll}">{rows}</div>'
                 f"{self._rerun_html()}{slot}</details>")
 
+    def _pipeline_as_named(self) -> str:
+        """The pipeline folder as the calling notebook names it: relative when below it, else absolute."""
+        if _is_below(self.root, self.notebook_dir):
+            return Path(os.path.relpath(self.root, self.notebook_dir)).as_posix()
+        return str(self.root)
+
     def _header_html(self, now: float) -> str:
         view = self.view
         status = _pill(RUN_STYLES[view.status] if view.started_at else STATE_STYLES[StepStatus.PENDING])
-        where = (Path(os.path.relpath(self.root, self.notebook_dir)).as_posix()
-                 if _is_below(self.root, self.notebook_dir) else str(self.root))
+        where = self._pipeline_as_named()
         run = (f' <span class="nbflow-muted">run <code>{html.escape(self.run_id)}</code></span>'
                if self.run_id else "")
         return (f'<summary class="nbflow-header"><span class="nbflow-chevron" aria-hidden="true"></span>'
@@ -315,9 +320,7 @@ class RunWidget:
         names = self.view.to_rerun() if self.result is not None else []
         if not names:
             return ""
-        where = (Path(os.path.relpath(self.root, self.notebook_dir)).as_posix()
-                 if _is_below(self.root, self.notebook_dir) else str(self.root))
-        code = f"nbflow.run({where!r}, {names!r})"
+        code = f"nbflow.run({self._pipeline_as_named()!r}, {names!r})"
         return (f'<div class="nbflow-rerun">rerun failed (the failed steps and what depends on them): '
                 f'<code class="nbflow-rerun-code">{html.escape(code)}</code></div>')
 
