@@ -134,7 +134,8 @@ class Pipeline:
         relative to the pipeline folder (a folder ends in `/`). `clean(..., left_behind=True)` removes them."""
         from .graph import relative_to  # noqa: PLC0415
 
-        return [{"step": item.step, "path": relative_to(item.path, self.root) + ("/" if item.path.is_dir() else ""),
+        return [{"step": item.step, "path": relative_to(item.path, self.root)
+                 + ("/" if isinstance(item.path, Path) and item.path.is_dir() else ""),
                  "why": item.why} for item in self._graph.left_behind()]
 
     def plot(self, path: str | os.PathLike | None = None, result: RunResult | None = None) -> str:

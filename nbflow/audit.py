@@ -70,7 +70,7 @@ def _installed(site: tuple[str, ...]) -> dict[str, str]:
 
     found: dict[str, str] = {}
     for dist in metadata.distributions(path=list(site)):
-        name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
         if name and name not in found:
             found[name] = dist.version
     return dict(sorted(found.items()))

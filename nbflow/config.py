@@ -194,7 +194,7 @@ class _Reader:
             if bound:
                 self.problem(f"{dotted!r} must be {bound}", *where)
                 continue
-            if key == "env" and not self.variables(value, where):
+            if key == "env" and isinstance(value, dict) and not self.variables(value, where):
                 continue
             good[key] = value
         return good

@@ -371,7 +371,8 @@ def _check_grid(config: Config, step: Step, values: Any, source: _GridSource,
         problems.append(source.problem("a grid maps parameters of the step to lists of values, e.g. "
                                        "{alpha: [0.1, 1.0]}", step))
         return None
-    yaml_parameters = config.steps.get(step.name).parameters if step.name in config.steps else {}
+    own = config.steps.get(step.name)
+    yaml_parameters = own.parameters if own is not None else {}
     checked: dict[str, tuple[Any, ...]] = {}
     for key, listed in values.items():
         key = str(key)
@@ -550,9 +551,10 @@ def _input_name(step: Step, label: str) -> str:
     return next((name for name, paths in step.inputs.items() if label in paths), "data")
 
 
-def _read_from_not_steps(steps: dict[str, Step], not_steps: list[NotAStep]) -> list[tuple[NotAStep, str, Path]]:
+def _read_from_not_steps(steps: dict[str, Step], not_steps: list[NotAStep]
+                         ) -> list[tuple[NotAStep, str, Path | str]]:
     """Notebooks that are not steps but declare outputs a step reads: (notebook, reader, path)."""
-    found = []
+    found: list[tuple[NotAStep, str, Path | str]] = []
     for nb in not_steps:
         for _, out in nb.output_paths():
             reader = next((name for name, step in steps.items() for label, path in step.input_paths()

@@ -107,7 +107,7 @@ def folded(names: Iterable[str]) -> list[str]:
     for name in names:
         parsed = parse_selection(name)
         group = bases.get(parsed[0]) if parsed else None
-        if group is None or len(group) < 3:
+        if parsed is None or group is None or len(group) < 3:
             out.append(name)
         elif group[0] == name:
             out.append(f"{parsed[0]} ({len(group)} instances)")
@@ -156,11 +156,11 @@ class LeftBehind:
     """A path under a gridded step's output folder that no current instance writes."""
 
     step: str
-    path: Path  # absolute
+    path: Path | str  # absolute, or a URL
     why: str
 
 
-def left_behind(grid: Grid, current: Iterable[Path]) -> list[LeftBehind]:
+def left_behind(grid: Grid, current: Iterable[Path | str]) -> list[LeftBehind]:
     """Partition folders (`key=value`) under the grid's output folders that lead to no current output path
     (of any step), and the notebook's own plain output paths (a run by hand) when they exist."""
     outputs = {str(path) for path in current}
