@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -16,28 +19,32 @@ import psutil
 import pytest
 
 import nbflow
+from nbflow.api import runs
+from nbflow.errors import PipelineError
 
 from s3_server import free_port, s3, s3_server, stop_group, wait_for_port  # noqa: F401  (fixture)
 
 pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
 DASK = str(Path(sys.executable).parent / "dask")
+NBFLOW = str(Path(sys.executable).parent / "nbflow")
 
 
 class Cluster:
-    def __init__(self, base: Path, hide: Path | None = None):
+    def __init__(self, base: Path, hide: Path | None = None, workers: int = 2, env: dict[str, str] | None = None):
         base.mkdir(parents=True, exist_ok=True)
+        self.env = env or {}  # the workers'
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.scheduler = subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
                                            "--no-dashboard"], cwd=base, start_new_session=True,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)
-        self.workers = [self._worker(base / f"worker{i}", hide) for i in (1, 2)]
+        self.workers = [self._worker(base / f"worker{i}", hide) for i in range(1, workers + 1)]
         import distributed  # noqa: PLC0415
 
         with distributed.Client(self.address, timeout="20s") as client:
-            client.wait_for_workers(2, timeout=60)
+            client.wait_for_workers(workers, timeout=60)
 
     def _worker(self, folder: Path, hide: Path | None) -> subprocess.Popen:
         folder.mkdir(parents=True)
@@ -46,16 +53,25 @@ class Cluster:
         if hide is not None:  # a worker on "another machine": the driver's folders are not there
             command = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs none "{hide}" && exec "$0" "$@"', *command]
         return subprocess.Popen(command, cwd=folder, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, env={**os.environ, **self.env})
 
     def close(self) -> None:
         for process in (*self.workers, self.scheduler):
             stop_group(process)
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_server):
+    """One cluster for the tests that leave it as they found it."""
+    made = Cluster(tmp_path_factory.mktemp("cluster"))
+    yield made
+    made.close()
+
+
 @pytest.fixture
-def cluster(tmp_path, s3_server):
-    made = Cluster(tmp_path)
+def own_cluster(tmp_path, s3_server):
+    """A cluster of the test's own, for a test that kills a part of it."""
+    made = Cluster(tmp_path / "cluster")
     yield made
     made.close()
 
@@ -117,8 +133,9 @@ def test_a_pipeline_with_s3_data_runs_on_a_real_cluster_and_comes_back_fresh(tmp
     assert any(f"s3://{bucket}/raw/raw.csv changed" in r for r in status["clean"].reasons)
 
 
-def test_a_worker_killed_mid_step_costs_one_attempt_and_the_run_goes_on(tmp_path, cluster, bucket,
+def test_a_worker_killed_mid_step_costs_one_attempt_and_the_run_goes_on(tmp_path, own_cluster, bucket,
                                                                        notebook_factory):
+    cluster = own_cluster
     root = _pipeline(tmp_path / "pipe", bucket, notebook_factory, sleep=4)
     killed: list[int] = []
     workers = {w.pid: w for w in cluster.workers}
@@ -189,3 +206,58 @@ def test_a_local_path_step_fails_on_a_worker_that_cannot_see_the_folder(tmp_path
     assert "data/raw.csv" in error.evalue and "data/out.csv" in error.evalue
     assert re.search(r"URLs .*shared file system", error.evalue)
     assert result.steps["local"].attempts == 1
+
+
+def test_the_scheduler_going_away_mid_run_fails_the_run_naming_it_and_loses_nothing_on_the_driver(
+        tmp_path, notebook_factory):
+    root = tmp_path / "pipe"
+    (root / "data").mkdir(parents=True)
+    running = tmp_path / "second-runs"  # written by the step's long cell: the kernel is there, mid-step
+    notebook_factory(root / "first.ipynb", 'inputs = {}\noutputs = {"a": "data/a.txt"}',
+                     'open(outputs["a"], "w").write("1")')
+    notebook_factory(root / "second.ipynb", 'inputs = {"a": "data/a.txt"}\noutputs = {"b": "data/b.txt"}',
+                     f"import time\nopen({str(running)!r}, 'w').close()\ntime.sleep(600)")
+    scratch = Path(tempfile.mkdtemp(prefix="nbflow-w-"))  # the worker's temp folder (short: sockets live there)
+    made = Cluster(tmp_path / "cluster", workers=1, env={"TMPDIR": str(scratch)})
+    try:
+        run = subprocess.Popen([NBFLOW, "run", str(root), "--executor", "dask", "--dask-address", made.address],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not running.exists() and run.poll() is None:
+            time.sleep(0.05)
+        assert running.exists(), run.communicate()
+        os.killpg(made.scheduler.pid, signal.SIGKILL)
+        out, err = run.communicate(timeout=120)  # a guard: the run ends as soon as its client sees the loss
+        for worker in made.workers:  # a worker closes once it loses its scheduler, its step's kernel stopped first
+            worker.wait(timeout=120)
+        left = list(scratch.glob("nbflow-task-*"))
+    finally:
+        made.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    said = out + err
+    assert run.returncode == 1, said
+    assert f"lost the connection to the dask scheduler at {made.address}" in said
+    assert "Traceback" not in said
+    [last] = runs(root, limit=1)
+    assert last["status"] == "failed"  # recorded as such, not left `running`
+    assert (root / "_nbflow" / "runs" / last["run_id"] / "first.ipynb").is_file()  # what finished is kept
+    assert (root / "data" / "a.txt").read_text() == "1"
+    assert not _kernels_of(last["run_id"]), "a kernel outlived its worker"
+    # the worker ended the step before it exited (not abandoned mid-cell when its process went): its scratch is gone
+    assert not left
+
+
+def test_an_unreachable_store_on_the_cluster_path_fails_before_any_step(tmp_path, cluster, notebook_factory,
+                                                                        monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    root = tmp_path / "pipe"
+    notebook_factory(root / "read.ipynb", 'inputs = {"raw": "s3://bkt/raw.csv"}', "print(1)")
+    (root / "nbflow.yaml").write_text("executor: dask\nstorage:\n  s3:\n    config_kwargs: {retries: "
+                                      "{max_attempts: 1}}\n    skip_instance_cache: true\n")
+    events: list = []
+    with pytest.raises(PipelineError) as raised:
+        nbflow.run(root, dask_address=cluster.address, display=False, listeners=[events.append])
+    message = str(raised.value)
+    assert "s3://bkt/raw.csv" in message and "cannot connect" in message and "does not exist" not in message
+    assert "127.0.0.1:9" in message
+    assert not events  # no run started, so no step
+    assert not (root / "_nbflow" / "runs").exists() or not any((root / "_nbflow" / "runs").iterdir())

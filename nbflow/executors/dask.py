@@ -13,13 +13,17 @@ notebooks (a partial one too) come back to the driver, which writes them
 under `_nbflow/`. A step that declares local paths runs only on a worker that
 sees the same pipeline folder; elsewhere it fails before its kernel starts.
 A worker lost mid-step costs an attempt: dask runs the task again on another
-worker, and the relay records the lost attempt as failed.
+worker, and the relay records the lost attempt as failed. The scheduler lost
+mid-run fails the steps running then, and those submitted after, naming its
+address (the run ends `failed`, what finished is kept); a worker stops its
+step's kernel when it closes, as it does when it loses its scheduler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import shutil
 import tempfile
@@ -62,6 +66,7 @@ class DaskExecutor:
             self.cluster = distributed.LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
                                                     dashboard_address=":0", silence_logs=40)
             self.client = distributed.Client(self.cluster)
+        self.address = address or self.client.scheduler.address
         try:
             self.topic = f"nbflow-{uuid.uuid4().hex}"
             self.cancel_event = distributed.Event(f"{self.topic}-cancel", client=self.client)
@@ -113,12 +118,23 @@ class DaskExecutor:
         notebook = Path(task.source).read_text(encoding="utf-8")
         with self._lock:
             self._started.pop(task.step, None)
+        lost = self._lost(task, None) if self._scheduler_lost() else None
+        if lost is not None:  # the steps after the one that saw it go: each fails at once, none waits
+            result.set_result(lost)
+            return result
         future = self.client.submit(run_on_worker, task, notebook, self.topic, pure=False,
                                     key=f"nbflow-{task.step}-{task.attempt}-{uuid.uuid4().hex[:8]}")
 
         def done(f) -> None:
             try:
-                outcome, files = f.result()
+                try:
+                    outcome, files = f.result()
+                except BaseException as e:  # noqa: BLE001 - a lost scheduler or task is the step's failure
+                    lost = self._lost(task, e)
+                    if lost is None:
+                        raise
+                    result.set_result(lost)
+                    return
                 with self._lock:
                     runs = self._started.pop(task.step, (1, 0.0, ""))[0]
                 for rel, text in files.items():  # the executed notebooks, written where the driver keeps them
@@ -127,10 +143,40 @@ class DaskExecutor:
                     target.write_text(text, encoding="utf-8")
                 result.set_result(replace(outcome, attempt=outcome.attempt + runs - 1) if runs > 1 else outcome)
             except BaseException as e:  # noqa: BLE001 - handed to the Runner
-                result.set_exception(_said(e))
+                result.set_exception(e)
 
         future.add_done_callback(done)
         return result
+
+    def _scheduler_lost(self) -> bool:
+        """The client is no longer connected: the scheduler stopped, or its machine or the network went away."""
+        return self.client.status not in ("running", "newly-created")
+
+    def _lost(self, task: StepTask, error: BaseException | None) -> StepOutcome | None:
+        """The failed outcome of a task dask lost (with its scheduler, or with every worker that ran it).
+
+        None for any other error. The scheduler's loss cancels every future of the client; the step's kernel
+        on the worker is stopped by the worker (see `_run`), its partial notebook stays there.
+        """
+        name = type(error).__name__
+        if name == "KilledWorker":
+            lost = StepError("worker_lost", "KilledWorker",
+                             f"the step's task was lost with every dask worker that ran it ({error})")
+        elif error is None or self._scheduler_lost() or "connection" in str(getattr(error, "reason", "")):
+            said = getattr(error, "reason", None) or (str(error).splitlines() or [""])[0]  # a future's: why cancelled
+            cause = "" if error is None else f" ({name}: {said})"
+            lost = StepError("scheduler_lost", "SchedulerLost",
+                             f"lost the connection to the dask scheduler at {self.address}{cause}: it stopped, or "
+                             "its machine or the network went away; the step's kernel on the worker is stopped, "
+                             "the steps that finished are kept; start the scheduler again (check --dask-address) "
+                             "and run again")
+        else:
+            return None
+        with self._lock:
+            runs, started, _ = self._started.pop(task.step, (1, 0.0, ""))
+        now = time.time()
+        return StepOutcome(task.step, task.attempt + runs - 1, StepStatus.FAILED, started or now,
+                           now - started if started else 0.0, None, lost)
 
     def prestart(self, task: StepTask) -> None:
         """Workers start their kernel when the task arrives (the fork server makes that fast)."""
@@ -140,24 +186,32 @@ class DaskExecutor:
 
     def close(self) -> None:
         self._closing.set()
-        self._events.put(None)
-        self._relay.join(timeout=5)
+        if not self._scheduler_lost():  # else the relay's get has failed already, and a put would wait to connect
+            try:
+                self._events.put(None)
+            except Exception:  # noqa: BLE001, S110 - lost just now: the relay's get fails too
+                pass
+            self._relay.join(timeout=5)
         self._shutdown()
 
     def _shutdown(self) -> None:
-        self.client.close()
+        if self._scheduler_lost():
+            # closing stops the client's attempts to reconnect, which distributed logs as an error with a
+            # traceback (a CancelledError); the loss is each lost step's error already
+            client_log = logging.getLogger("distributed.client")
+            client_log.addFilter(_not_a_cancelled_reconnect)
+            try:
+                self.client.close()
+            finally:
+                client_log.removeFilter(_not_a_cancelled_reconnect)
+        else:
+            self.client.close()
         if self.cluster is not None:
             self.cluster.close()
 
 
-def _said(e: BaseException) -> BaseException:
-    """What a lost scheduler or a task lost on every worker means, for the step's error."""
-    name = type(e).__name__
-    if name == "KilledWorker":
-        return RuntimeError(f"the step's task was lost with every dask worker that ran it ({e})")
-    if name in ("CancelledError", "CommClosedError", "StreamClosedError") or isinstance(e, OSError):
-        return RuntimeError(f"lost the dask scheduler ({name}: {e}); the run stops, nothing on the driver is lost")
-    return e
+def _not_a_cancelled_reconnect(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 def run_on_worker(task: StepTask, notebook: str, topic: str) -> tuple[StepOutcome, dict[str, str]]:
@@ -167,7 +221,13 @@ def run_on_worker(task: StepTask, notebook: str, topic: str) -> tuple[StepOutcom
     the pipeline folder -> JSON text) for the driver to keep.
     """
     distributed = _import_distributed()
-    events = distributed.Queue(topic)
+    queue = distributed.Queue(topic)
+    worker = _this_worker(distributed)
+
+    def events(event) -> None:
+        if _worker_runs(worker):  # a closing worker has lost its scheduler: nobody to tell, and a put would wait
+            queue.put(event)
+
     sees_pipeline = _same_notebook(task.source, notebook)
     local = [path for _, path in (*task.outputs, *task.inputs) if "://" not in path]
     if local and not sees_pipeline:
@@ -177,11 +237,11 @@ def run_on_worker(task: StepTask, notebook: str, topic: str) -> tuple[StepOutcom
         message = (f"this dask worker ({_worker_name(distributed)}) does not see the pipeline folder {task.root}, and "
                    f"the step declares local paths: {shown}; declare them as URLs (s3://..., gs://...) or give "
                    "the workers the pipeline folder at the same path (a shared file system)")
-        return blocked_outcome(task, events.put, message), {}
+        return blocked_outcome(task, events, message), {}
     scratch = Path(tempfile.mkdtemp(prefix="nbflow-task-"))
     try:
         moved = _in_scratch(task, notebook, scratch, sees_pipeline)
-        outcome = _run(distributed, moved, events, topic)
+        outcome = _run(distributed, moved, events, topic, worker)
         files = {}
         for path in (moved.executed, moved.latest, moved.attempt_copy):
             if os.path.isfile(path):
@@ -191,10 +251,23 @@ def run_on_worker(task: StepTask, notebook: str, topic: str) -> tuple[StepOutcom
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _worker_name(distributed) -> str:
+def _this_worker(distributed):
     try:
-        worker = distributed.get_worker()
-    except ValueError:
+        return distributed.get_worker()
+    except ValueError:  # not in a worker (called directly)
+        return None
+
+
+def _worker_runs(worker) -> bool:
+    """False once the worker closes: it does when it loses its scheduler (and when it is told to)."""
+    from distributed.worker import WORKER_ANY_RUNNING  # noqa: PLC0415
+
+    return worker is None or worker.status in WORKER_ANY_RUNNING
+
+
+def _worker_name(distributed) -> str:
+    worker = _this_worker(distributed)
+    if worker is None:
         return "?"
     return str(worker.name if worker.name is not None else worker.address)
 
@@ -221,7 +294,12 @@ def _in_scratch(task: StepTask, notebook: str, scratch: Path, sees_pipeline: boo
                    cwd=task.cwd if sees_pipeline else str(source.parent))
 
 
-def _run(distributed, task: StepTask, events, topic: str) -> StepOutcome:
+def _run(distributed, task: StepTask, events, topic: str, worker) -> StepOutcome:
+    """The step on this worker's own kernel pool; stopped when the driver cancels or this worker closes.
+
+    A worker closes when it loses its scheduler: the result could reach nobody, so the kernel is stopped
+    then, and the task ends (dask waits for it before the worker process exits).
+    """
     from ..kernels import KernelPool  # noqa: PLC0415
     from .step import execute_step  # noqa: PLC0415
 
@@ -229,19 +307,30 @@ def _run(distributed, task: StepTask, events, topic: str) -> StepOutcome:
 
     async def main() -> StepOutcome:
         pool = KernelPool(max_prestarted=0, use_forkserver=task.use_forkserver, forkserver_off=task.forkserver_off)
-        step = asyncio.ensure_future(execute_step(task, events.put, pool))
+        step = asyncio.ensure_future(execute_step(task, events, pool))
 
-        async def watch() -> None:
+        async def cancelled_by_the_driver() -> None:
             while not step.done():
-                if await asyncio.to_thread(cancel.wait, 0.5):
+                try:
+                    if await asyncio.to_thread(cancel.wait, 0.5):
+                        step.cancel()
+                        return
+                except Exception:  # noqa: BLE001 - the scheduler cannot be asked: the worker closes (below)
+                    await asyncio.sleep(0.5)
+
+        async def worker_closing() -> None:
+            while not step.done():
+                if not _worker_runs(worker):
                     step.cancel()
                     return
+                await asyncio.sleep(0.2)
 
-        watcher = asyncio.ensure_future(watch())
+        watchers = [asyncio.ensure_future(cancelled_by_the_driver()), asyncio.ensure_future(worker_closing())]
         try:
             return await step
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             await pool.close()
 
     return asyncio.run(main())
