@@ -269,18 +269,20 @@ class _Reader:
 
     def storage_options(self, raw: dict) -> dict[str, dict[str, Any]]:
         """`storage:` per protocol: options handed to fsspec (endpoint, region, anonymous access), never secrets."""
+        from .stores import credential_options  # noqa: PLC0415
+
         storage: dict[str, dict[str, Any]] = {}
         for protocol, options in raw.items():
             if not isinstance(options, dict):
                 self.problem(f"'storage.{protocol}' must be a mapping of fsspec options, like {{endpoint_url: ...}}",
                              "storage", str(protocol))
                 continue
-            secret = [k for k in options if any(w in str(k).lower() for w in ("secret", "password", "token", "key"))
-                      and str(k) not in ("requester_pays",)]
-            if secret:
-                self.problem(f"'storage.{protocol}.{secret[0]}' looks like a credential; credentials come only from "
+            secret = credential_options(options)
+            for keys in secret:
+                self.problem(f"'storage.{protocol}.{'.'.join(keys)}' is a credential; credentials come only from "
                              "the environment or the store's own config files, never from nbflow.yaml",
-                             "storage", str(protocol), str(secret[0]))
+                             "storage", str(protocol), *keys)
+            if secret:
                 continue
             storage[str(protocol).lower()] = dict(options)
         return storage

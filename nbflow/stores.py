@@ -72,6 +72,35 @@ def inside(url: str, folder: str) -> bool:
     return url.startswith(folder.rstrip("/") + "/")
 
 
+# Option names that hold a credential in fsspec's filesystems, beyond what the parameters' rule says
+# (params.is_secret_name: a last word token, password, secret, credentials; api/access/secret/private key): s3fs's
+# `key` (the access key id) and its alias `username`, botocore's `aws_access_key_id`, adlfs's `account_key`,
+# `credential` and `connection_string` (it holds the account key), an HTTP `Authorization` header.
+_CREDENTIAL_OPTIONS = frozenset({"key", "username", "aws_access_key_id", "account_key", "credential",
+                                 "connection_string", "authorization"})
+# gcsfs's `token` may name a way to sign in instead of holding a credential
+_TOKEN_METHODS = frozenset({"anon", "google_default", "cache", "cloud", "browser"})
+
+
+def credential_options(options: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """The options (a path of keys into nested ones: client_kwargs, headers) that hold a credential.
+
+    By name, word by word (`sse_kms_key_id` or `SSEKMSKeyId` is a key's id, not a key; `aws_secret_access_key`,
+    `sas_token`, `client_secret` are credentials), never by a substring.
+    """
+    from .params import is_secret_name  # noqa: PLC0415 - params imports what imports this module
+
+    found: list[tuple[str, ...]] = []
+    for key, value in options.items():
+        name = str(key)
+        if name.lower() in _CREDENTIAL_OPTIONS or is_secret_name(name):
+            if not (name == "token" and isinstance(value, str) and value in _TOKEN_METHODS):
+                found.append((name,))
+        elif isinstance(value, Mapping):
+            found += [(name, *inner) for inner in credential_options(value)]
+    return found
+
+
 def fsspec_env(storage: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """`storage:` as fsspec's own configuration variables, so that a step's pandas or fsspec uses it too."""
     return {f"FSSPEC_{protocol.upper()}": json.dumps(dict(options)) for protocol, options in storage.items()}

@@ -84,3 +84,41 @@ def test_a_grid_is_read_with_the_line_of_each_key_and_instances_share_their_step
     assert config.steps["train"].grid == {"alpha": [0.1, 1.0], "seed": [1, 2]}
     assert config.grid_lines == {"train": {"": 4, "alpha": 5, "seed": 6}}
     assert config.for_step("train[alpha=0.1,seed=2]").retries == 2
+
+
+@pytest.mark.parametrize("options, refused", [
+    ("{key: AKIA123, secret: abc}", ["storage.s3.key", "storage.s3.secret"]),
+    ("{token: abc}", ["storage.s3.token"]),
+    ("{password: x, username: y}", ["storage.s3.password", "storage.s3.username"]),
+    ("{client_kwargs: {aws_secret_access_key: x, region_name: eu-west-1}}",
+     ["storage.s3.client_kwargs.aws_secret_access_key"]),
+    ("{client_kwargs: {aws_access_key_id: x, aws_session_token: y}}",
+     ["storage.s3.client_kwargs.aws_access_key_id", "storage.s3.client_kwargs.aws_session_token"]),
+    ("{account_name: acct, account_key: x}", ["storage.s3.account_key"]),  # adlfs's, whatever the protocol
+    ("{connection_string: 'AccountKey=x', sas_token: y, client_secret: z}",
+     ["storage.s3.connection_string", "storage.s3.sas_token", "storage.s3.client_secret"]),
+    ("{headers: {Authorization: Bearer x}}", ["storage.s3.headers.Authorization"]),
+    ("{token: {type: service_account, private_key: x}}", ["storage.s3.token"]),
+])
+def test_storage_options_that_hold_credentials_are_refused_by_name(tmp_path, options, refused):
+    (tmp_path / "nbflow.yaml").write_text(f"storage:\n  s3: {options}\n")
+    with pytest.raises(PipelineError) as err:
+        load_config(tmp_path)
+    said = str(err.value)
+    for key in refused:
+        assert f"nbflow.yaml:2: '{key}' is a credential" in said
+    assert len(err.value.problems) == len(refused)
+    assert "never from nbflow.yaml" in said
+
+
+@pytest.mark.parametrize("options", [
+    "{sse_kms_key_id: arn:aws:kms:eu-west-1:1:key/abc, requester_pays: true}",
+    "{s3_additional_kwargs: {ServerSideEncryption: 'aws:kms', SSEKMSKeyId: abc}}",
+    "{endpoint_url: 'http://minio:9000', anon: false, profile: dev, client_kwargs: {region_name: eu-west-1}}",
+    "{key_prefix: raw, cache_key_length: 8, use_listings_cache: false}",
+    "{token: anon, project: p}",  # gcsfs: a way to sign in, not a credential
+])
+def test_storage_options_that_merely_mention_a_key_are_accepted(tmp_path, options):
+    (tmp_path / "nbflow.yaml").write_text(f"storage:\n  s3: {options}\n")
+    config = load_config(tmp_path)
+    assert config.storage["s3"]
