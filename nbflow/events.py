@@ -57,19 +57,14 @@ class StepError:
     kind: str  # "exception", "timeout", "kernel_died", "missing_output", "kernel_start", "cancelled"
     ename: str
     evalue: str
-    cell: int | None = None  # 1-based cell number in the source notebook
+    cell: int | None = None  # 1-based cell number in the source notebook (finds the cell; not shown to users)
     source_line: str | None = None  # the failing line of that cell, when known
     traceback: str = ""
+    execution_count: int | None = None  # n of the failing cell's In [n] in the executed notebook: what users see
     secrets: InitVar[tuple[str, ...]] = ()  # values to mask; not kept
 
     def __post_init__(self, secrets: tuple[str, ...]) -> None:
-        longest_first = sorted(filter(None, secrets), key=len, reverse=True)  # one inside another: longer first
-
-        def masked(text: str) -> str:
-            for secret in longest_first:
-                text = text.replace(secret, MASK)
-            return text
-
+        masked = masker(secrets)
         object.__setattr__(self, "evalue", _head(masked(self.evalue), MAX_EVALUE))
         object.__setattr__(self, "traceback", _tail(masked(self.traceback), MAX_TRACEBACK))
         if self.source_line is not None:
@@ -77,13 +72,46 @@ class StepError:
             object.__setattr__(self, "source_line", line if len(line) <= MAX_SOURCE_LINE
                                else line[: MAX_SOURCE_LINE - 1] + "…")
 
+    @property
+    def where(self) -> str:
+        """The failing cell as the user sees it: 'In [4]'; '' when no cell failed (see `cell_label`)."""
+        return cell_label(self.execution_count, self.cell)
+
     def summary(self) -> str:
-        where = f" (cell {self.cell})" if self.cell and f"cell {self.cell}" not in self.evalue else ""
+        where = self.where
+        where = f" ({where})" if where and where not in self.evalue else ""
         return f"{self.ename}: {self.evalue}{where}" if self.evalue else f"{self.ename}{where}"
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "ename": self.ename, "evalue": self.evalue, "cell": self.cell,
-                "source_line": self.source_line, "message": self.summary()}
+                "execution_count": self.execution_count, "source_line": self.source_line,
+                "message": self.summary()}
+
+
+def cell_label(execution_count: int | None, cell: int | None = None) -> str:
+    """How a cell of a step is named to users, the one place that decides it: 'In [4]'.
+
+    `execution_count` is the n of the In [n] that Jupyter shows beside the cell in the
+    executed notebook (the injected parameters cell counted, markdown not), the number
+    the widget, the terminal, the log, the report, the banner and `nbflow show` all
+    use. A failure recorded before nbflow kept that number has only `cell`, the cell's
+    place in the source notebook (markdown counted): it reads 'cell 4'.
+    """
+    if execution_count:
+        return f"In [{execution_count}]"
+    return f"cell {cell}" if cell else ""
+
+
+def masker(secrets: tuple[str, ...] | list[str]) -> Callable[[str], str]:
+    """A function that replaces each of `secrets` in a text by ***, the longer ones first (one inside another)."""
+    longest_first = sorted(filter(None, secrets), key=len, reverse=True)
+
+    def masked(text: str) -> str:
+        for secret in longest_first:
+            text = text.replace(secret, MASK)
+        return text
+
+    return masked
 
 
 def _head(text: str, limit: int) -> str:
@@ -151,9 +179,41 @@ class StepStarted(Event):
 @dataclass(frozen=True)
 class CellStarted(Event):
     step: str
-    cell: int  # 1-based cell number in the notebook
+    cell: int  # 1-based cell number in the source notebook (0: the injected parameters)
     index: int  # 1-based among the code cells that run
     total: int
+    execution_count: int | None = None  # the n of its In [n] in the executed notebook (None: not executed)
+    source_line: str = ""  # its first line of code (comments left out)
+
+
+#: What a CellOutput keeps of the text printed since the last one: its end.
+MAX_OUTPUT_TEXT = 2_000
+
+
+@dataclass(frozen=True)
+class CellOutput(Event):
+    """What the running cell of a step printed (stdout or stderr) since the last CellOutput of that stream.
+
+    For live views, not a record: the executed notebook keeps all of it. The
+    executor coalesces a cell's stream messages (cells.CellRunner: at most one
+    event per stream every ~0.1 s) and bounds what it holds, so a cell printing
+    30 MB sends a few events of a few KB. Values given as `secrets` are replaced
+    by *** first; then only the last MAX_OUTPUT_TEXT characters are kept, and
+    `cut` says the text does not start where the previous one ended.
+    """
+
+    step: str
+    stream: str  # "stdout" or "stderr"
+    text: str
+    cut: bool = False
+    secrets: InitVar[tuple[str, ...]] = ()  # values to mask; not kept
+
+    def __post_init__(self, secrets: tuple[str, ...]) -> None:
+        text = masker(secrets)(self.text) if secrets else self.text
+        if len(text) > MAX_OUTPUT_TEXT:
+            text = text[-MAX_OUTPUT_TEXT:]
+            object.__setattr__(self, "cut", True)
+        object.__setattr__(self, "text", text)
 
 
 @dataclass(frozen=True)
@@ -305,7 +365,8 @@ class WatchStopped(Event):
 Listener = Callable[[Event], None]
 
 __all__ = [
-    "StepStatus", "RunStatus", "StepError", "FileRecord", "PlannedStep", "Event", "RunStarted", "StepSkipped",
-    "StepStarted", "CellStarted", "CellFinished", "StepSucceeded", "StepFailed", "StepCancelled", "StepNotRun",
+    "StepStatus", "RunStatus", "StepError", "cell_label", "masker", "FileRecord", "PlannedStep", "Event",
+    "RunStarted", "StepSkipped", "StepStarted", "CellStarted", "CellOutput", "CellFinished", "StepSucceeded",
+    "StepFailed", "StepCancelled", "StepNotRun",
     "StepResult", "RunResult", "RunFinished", "WatchCycleStarted", "WatchCycleFinished", "WatchStopped", "Listener",
 ]

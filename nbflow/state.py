@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal, Mapping
 from . import stores
 from .errors import LedgerDamaged, PipelineError, PipelineLocked, Problem, StateError
 from .events import (Event, FileRecord, RunFinished, RunStarted, RunStatus, StepCancelled, StepFailed,
-                     StepNotRun, StepSkipped, StepStarted, StepSucceeded)
+                     StepNotRun, StepSkipped, StepStarted, StepSucceeded, cell_label)
 from .graph import FileRef, Graph, relative_to
 from .grid import folded
 from .imports import project_modules
@@ -33,7 +33,7 @@ from .layout import StateLayout
 from .params import EnvRef, ValueRef, is_secret_name
 from .version import __version__
 
-SCHEMA_VERSION = 2  # 2: runs.audit, step_runs.worker
+SCHEMA_VERSION = 3  # 2: runs.audit, step_runs.worker; 3: step_runs.error_execution
 REDACTED = "***"
 
 _SCHEMA = """
@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS step_runs (
     step TEXT NOT NULL, attempt INTEGER NOT NULL, status TEXT NOT NULL,
     started_at REAL, finished_at REAL, duration_s REAL, notebook TEXT,
     fingerprint TEXT, fingerprint_parts TEXT, parameters TEXT, reasons TEXT,
-    error_kind TEXT, error_name TEXT, error_value TEXT, error_cell INTEGER, error_traceback TEXT, worker TEXT);
+    error_kind TEXT, error_name TEXT, error_value TEXT, error_cell INTEGER, error_traceback TEXT, worker TEXT,
+    error_execution INTEGER);
 CREATE TABLE IF NOT EXISTS files (
     step_run_id INTEGER NOT NULL REFERENCES step_runs(id), role TEXT NOT NULL,
     label TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL);
@@ -126,13 +127,16 @@ class Ledger:
             except sqlite3.Error:
                 pass
             self.conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        elif version == 1:
-            try:  # nbflow 0.1's ledger: the runs get an audit column
-                self.conn.executescript(f"BEGIN; ALTER TABLE runs ADD COLUMN audit TEXT; "
-                                        "ALTER TABLE step_runs ADD COLUMN worker TEXT; "
-                                        f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        elif version < SCHEMA_VERSION:
+            # nbflow 0.1's ledger (1): the runs get an audit column, the steps a worker; before 3, a failed
+            # step's In [n] (error_execution: its old rows keep their error_cell, shown as 'cell 4')
+            added = {1: ["runs ADD COLUMN audit TEXT", "step_runs ADD COLUMN worker TEXT"],
+                     2: ["step_runs ADD COLUMN error_execution INTEGER"]}
+            alter = "".join(f"ALTER TABLE {change}; " for v in range(version, SCHEMA_VERSION) for change in added[v])
+            try:
+                self.conn.executescript(f"BEGIN; {alter}PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
             except sqlite3.OperationalError:
-                _rollback(self.conn)  # read-only: read it as it is (runs without audit)
+                _rollback(self.conn)  # read-only: read it as it is (columns it lacks read as NULL)
 
     def check(self, thorough: bool = False) -> None:
         """Raise LedgerDamaged unless sqlite finds the file sound (quick_check; integrity_check if `thorough`)."""
@@ -305,8 +309,11 @@ class Ledger:
     def step_runs(self, run_id: str) -> list[dict[str, Any]]:
         cols = ["id", "step", "attempt", "status", "started_at", "finished_at", "duration_s", "notebook",
                 "fingerprint", "parameters", "reasons", "error_kind", "error_name", "error_value", "error_cell",
-                "error_traceback"] + (["worker"] if self._has_column("step_runs", "worker") else [])
-        rows = self.conn.execute(f"SELECT {', '.join(cols)} FROM step_runs WHERE run_id=? ORDER BY id",
+                "error_traceback", "worker", "error_execution"]
+        # a read-only ledger of an older schema lacks some columns: they read as NULL
+        selected = [f"NULL AS {c}" if c in ("worker", "error_execution") and not self._has_column("step_runs", c)
+                    else c for c in cols]
+        rows = self.conn.execute(f"SELECT {', '.join(selected)} FROM step_runs WHERE run_id=? ORDER BY id",
                                  (run_id,)).fetchall()
         now = _StatusNow(self.state_dir)
         result = []
@@ -315,6 +322,8 @@ class Ledger:
             d["status"] = now(d["status"])
             d["parameters"] = json.loads(d["parameters"] or "{}")
             d["reasons"] = json.loads(d["reasons"] or "[]")
+            # the failing cell as users see it: 'In [4]' ('cell 4' for a failure recorded before schema 3)
+            d["error_where"] = cell_label(d["error_execution"], d["error_cell"]) if d["error_name"] else None
             d["files"] = [dict(zip(("role", "label", "path", "sha256", "size"), f)) for f in self.conn.execute(
                 "SELECT role, label, path, sha256, size FROM files WHERE step_run_id=?", (d["id"],))]
             result.append(d)
@@ -921,7 +930,8 @@ class LedgerRecorder:
             self._finish(c, e.step, e.attempt, "failed", duration_s=e.duration_s, notebook=e.notebook,
                          parameters=json.dumps(redact(e.parameters, self.secrets), default=repr),
                          error_kind=e.error.kind, error_name=e.error.ename, error_value=e.error.evalue,
-                         error_cell=e.error.cell, error_traceback=e.error.traceback)
+                         error_cell=e.error.cell, error_traceback=e.error.traceback,
+                         error_execution=e.error.execution_count)
 
     def _on_StepCancelled(self, e: StepCancelled) -> None:
         with self.ledger.transaction() as c:

@@ -12,6 +12,7 @@ import pytest
 
 import nbflow
 from nbflow.audit import collect, packages_digest
+from nbflow.state import SCHEMA_VERSION
 
 NBFLOW = [sys.executable, "-m", "nbflow.cli"]
 
@@ -122,6 +123,6 @@ def test_a_0_1_ledger_gains_the_audit_column(tmp_path):
     ledger = Ledger(state)
     try:
         assert ledger.runs()[0]["run_id"] == "r1" and ledger.runs()[0]["audit"] is None
-        assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         ledger.close()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 
+from nbflow.executors import cells as cells_module
 from nbflow.executors.cells import CellExecutionError, CellRunner, CellTimeoutError, DeadKernelError
 from nbflow.kernels import KernelRequest, start_kernel
 
@@ -195,3 +196,52 @@ def test_running_a_step_imports_neither_nbformat_nor_jsonschema(tmp_path: Path, 
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_cells_are_numbered_as_jupyter_shows_them_and_what_they_print_reaches_a_live_view_coalesced(
+        tmp_path: Path) -> None:
+    """next_execution_count is the In [n] a cell gets (a skipped cell gets none); on_output gets the printed
+    text a few times, not once per message, bounded, and always the end of it."""
+    printed: list[tuple[str, str, bool]] = []
+    cells = [cell("a = 1"), cell("b = 2", "skip-execution"),
+             cell("import sys, time\nfor i in range(20):\n    print(f'line {i}', flush=True)\n    time.sleep(0.01)\n"
+                  "for i in range(300):\n    print('x' * 10_000, flush=True)\n"
+                  "print('oops', file=sys.stderr, flush=True)\nprint('last line')")]
+
+    async def main() -> list[int | None]:
+        started = await start_kernel(KernelRequest("python3", str(tmp_path)))
+        runner = CellRunner(started.km, started.kc, on_output=lambda *args: printed.append(args))
+        counts = []
+        try:
+            for c in cells:
+                counts.append(runner.next_execution_count(c))
+                await runner.execute_cell(c, execution_count=counts[-1])
+        finally:
+            await started.stop()
+        return counts
+
+    counts = asyncio.run(main())
+    assert counts == [1, None, 2] and [c["execution_count"] for c in cells] == [1, None, 2]
+    stdout = [(text, cut) for stream, text, cut in printed if stream == "stdout"]
+    assert sum(len(o["text"]) for o in cells[2]["outputs"]) > 3_000_000  # the notebook has all of it
+    assert len(stdout) < 20  # 0.2 s of lines and 3 MB: coalesced, not one event per message
+    assert all(len(text) <= cells_module._LIVE_KEEP for text, _ in stdout)
+    assert stdout[0][0].startswith("line 0\n") and not stdout[0][1]
+    assert stdout[-1][0].endswith("x\nlast line\n") and any(cut for _, cut in stdout)  # 3 MB left out on the way
+    assert [text for stream, text, _ in printed if stream == "stderr"] == ["oops\n"]
+
+
+def test_live_output_keeps_the_end_of_a_flood_in_bounded_memory() -> None:
+    sent: list[tuple[str, str, bool]] = []
+    live = cells_module._LiveOutput(lambda *args: sent.append(args))
+    for i in range(30_000):  # 30 MB in 1 KB messages
+        live.add("stdout", f"{i:08d}" + "y" * 1015 + "\n")
+    chunks, (size, _) = live._pending["stdout"]
+    assert size < cells_module._LIVE_KEEP + 1_024 and len(chunks) < 10
+    assert live.due_at is not None
+    live.send(now=1.0)
+    [(stream, text, cut)] = sent
+    assert stream == "stdout" and cut and len(text) == cells_module._LIVE_KEEP and text.endswith("y\n")
+    assert "00029999" in text and live.due_at is None
+    live.add("stdout", "next\n")
+    assert live.due_at == 1.0 + cells_module.LIVE_INTERVAL_S

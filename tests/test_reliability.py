@@ -205,7 +205,7 @@ def test_cell_raises_fails_the_step_keeps_its_notebook_and_says_where(fixture_pi
     error = result.steps["transform"].error
     assert (error.kind, error.ename, error.evalue, error.cell) == ("exception", "ValueError", "bad row 2", 4)
     assert error.source_line == 'raise ValueError(f"bad row {numbers[1]}")'
-    assert error.summary() == "ValueError: bad row 2 (cell 4)"
+    assert error.summary() == "ValueError: bad row 2 (In [4])"
 
     # the widget's events carry the error and the failing cell
     failed = [e for e in events if isinstance(e, StepFailed)]
@@ -220,7 +220,7 @@ def test_cell_raises_fails_the_step_keeps_its_notebook_and_says_where(fixture_pi
     nb = executed_notebook(root, result.steps["transform"].notebook)
     banner = nb.cells[0]
     assert banner.cell_type == "markdown" and ERROR_MARKER_TAG in banner.metadata.tags
-    assert "**nbflow:** ValueError: bad row 2 (cell 4)" in banner.source
+    assert "**nbflow:** ValueError: bad row 2 (In [4])" in banner.source
     failing = next(i for i, c in enumerate(nb.cells) if c.source.startswith("raise ValueError"))
     assert 'id="papermill-error-cell"' in nb.cells[failing - 1].source
     assert nb.cells[failing].metadata.papermill.status == "failed"
@@ -253,8 +253,8 @@ def test_cell_raises_is_reported_in_json_with_exit_code_1(fixture_pipeline):
     assert steps["transform"]["status"] == "failed"
     assert steps["transform"]["notebook"] == f"_nbflow/runs/{out['run_id']}/transform.ipynb"
     assert steps["transform"]["error"] == {
-        "kind": "exception", "ename": "ValueError", "evalue": "bad row 2", "cell": 4,
-        "source_line": 'raise ValueError(f"bad row {numbers[1]}")', "message": "ValueError: bad row 2 (cell 4)"}
+        "kind": "exception", "ename": "ValueError", "evalue": "bad row 2", "cell": 4, "execution_count": 4,
+        "source_line": 'raise ValueError(f"bad row {numbers[1]}")', "message": "ValueError: bad row 2 (In [4])"}
     assert steps["report"]["status"] == "not_run" and steps["report"]["error"] is None
     assert steps["sidecar"]["status"] == steps["extract"]["status"] == "succeeded"
 
@@ -266,8 +266,9 @@ def test_a_failing_cell_that_printed_30_mb_leaves_a_small_ledger_and_bounded_err
     assert result.exit_code == 1
     error = json.loads(result.stdout)["steps"][0]["error"]
     assert error == {"kind": "exception", "ename": "ValueError", "evalue": "failed after printing 30 MB", "cell": 2,
+                     "execution_count": 2,
                      "source_line": 'raise ValueError(f"failed after printing {megabytes} MB")',
-                     "message": "ValueError: failed after printing 30 MB (cell 2)"}
+                     "message": "ValueError: failed after printing 30 MB (In [2])"}
     assert len(result.stdout) < 2_000
 
     ledger = root / "_nbflow" / "history.sqlite"
@@ -380,11 +381,11 @@ def test_step_and_cell_timeouts_kill_the_kernel_and_what_it_started(fixture_pipe
     assert statuses(result) == {"hang_cell": "failed", "hang_step": "failed"}
     step_error = result.steps["hang_step"].error
     assert (step_error.kind, step_error.ename) == ("timeout", "StepTimeout")
-    assert step_error.evalue == "timed out after 8 s in cell 3" and step_error.cell == 3
-    assert step_error.summary() == "StepTimeout: timed out after 8 s in cell 3"
+    assert step_error.evalue == "timed out after 8 s at In [3]" and step_error.cell == 3
+    assert step_error.summary() == "StepTimeout: timed out after 8 s at In [3]"
     cell_error = result.steps["hang_cell"].error
     assert (cell_error.kind, cell_error.ename, cell_error.cell) == ("timeout", "CellTimeoutError", 3)
-    assert cell_error.summary() == "CellTimeoutError: cell timed out after 2 s (cell_timeout) (cell 3)"
+    assert cell_error.summary() == "CellTimeoutError: cell timed out after 2 s (cell_timeout) (In [3])"
 
     # the kernels and the `sleep` processes they started are gone
     pids = read_pids(root / "hang_step.pids") + read_pids(root / "hang_cell.pids")
@@ -394,7 +395,7 @@ def test_step_and_cell_timeouts_kill_the_kernel_and_what_it_started(fixture_pipe
     assert "timed out after 8 s" in nb.cells[0].source
     assert any("waiting forever" in text_of(c) for c in nb.cells if c.cell_type == "code")
     rows = {r["step"]: r for r in step_rows(root, result.run_id)}
-    assert rows["hang_step"]["error_value"] == "timed out after 8 s in cell 3"
+    assert rows["hang_step"]["error_value"] == "timed out after 8 s at In [3]"
     assert rows["hang_cell"]["error_kind"] == "timeout"
 
 
@@ -413,7 +414,7 @@ def test_a_process_a_step_started_in_its_own_session_is_killed_when_the_step_end
         result = nbflow.run(root, jobs=2, display=False)
         detached = read_pids(root / "finishes.pid") + read_pids(root / "times_out.pid")
         assert statuses(result) == {"finishes": "succeeded", "times_out": "failed"}
-        assert result.steps["times_out"].error.evalue == "timed out after 8 s in cell 3"  # after the child started
+        assert result.steps["times_out"].error.evalue == "timed out after 8 s at In [3]"  # after the child started
     finally:
         wait_gone(detached, "a process a step started in its own session", timeout=0)  # gone when the run ends
 
@@ -431,10 +432,10 @@ def test_a_dying_kernel_fails_the_step_with_the_last_cell_that_ran(fixture_pipel
     for name in ("exits", "oom_killed", "segfaults"):
         error = result.steps[name].error
         assert (error.kind, error.ename, error.cell) == ("kernel_died", "DeadKernelError", 3), name
-        assert error.evalue == ("kernel died in cell 3; the last cell that completed was cell 2 "
+        assert error.evalue == ("kernel died at In [3]; the last cell that completed was In [2] "
                                 "(crash, os._exit, or killed for memory?)"), name
         nb = executed_notebook(root, result.steps[name].notebook)
-        assert "kernel died in cell 3" in nb.cells[0].source
+        assert "kernel died at In [3]" in nb.cells[0].source
     rows = {r["step"]: r for r in step_rows(root, result.run_id)}
     assert {r["error_kind"] for r in rows.values()} == {"kernel_died"}
 
@@ -463,7 +464,7 @@ def test_interrupt_cancels_the_run_saves_notebooks_and_leaves_no_kernel(fixture_
     cells = [c for c in nb.cells if c.cell_type == "code"]
     assert any("half written" in text_of(c) for c in cells)
     assert [c.metadata.papermill.status for c in cells if "time.sleep(sleep_s)" in c.source] == ["cancelled"]
-    assert "run cancelled in cell 3" in nb.cells[0].source
+    assert "run cancelled at In [3]" in nb.cells[0].source
     assert (root / "_nbflow" / "lock").read_text() == ""  # released
 
 
@@ -547,7 +548,7 @@ def test_a_half_written_output_is_not_recorded_and_the_next_run_reruns(fixture_p
     root = fixture_pipeline("partial_output")
     broken = nbflow.run(root, display=False)
     assert statuses(broken) == {"writes": "failed", "reads": "not_run"}
-    assert broken.steps["writes"].error.summary() == "ConnectionResetError: connection reset while writing (cell 2)"
+    assert broken.steps["writes"].error.summary() == "ConnectionResetError: connection reset while writing (In [2])"
     assert (root / "result.csv").read_text() == "id,value\n1,10\n"  # half written by the failed step
     ledger = Ledger(root / "_nbflow", create=False)
     assert ledger.lineage("result.csv") is None and ledger.last_success("writes") is None
@@ -618,7 +619,7 @@ def test_a_secret_in_an_error_message_is_masked_wherever_nbflow_writes_the_error
     monkeypatch.setenv("NBFLOW_SECRET_API_TOKEN", secret)  # api_token is declared in nbflow.yaml `secrets:`
     logged = cli("run", root)  # not a terminal: the log
     assert logged.exit_code == 1
-    assert "leaks: FAILED after" in logged.stdout and "ValueError: bad token *** (cell 3)" in logged.stdout
+    assert "leaks: FAILED after" in logged.stdout and "ValueError: bad token *** (In [4])" in logged.stdout
     as_json = cli("run", root, "--json")  # the failed step runs again
     assert as_json.exit_code == 1
     out = json.loads(as_json.stdout)
@@ -637,7 +638,7 @@ def test_a_secret_in_an_error_message_is_masked_wherever_nbflow_writes_the_error
 
     nb = executed_notebook(root, out["steps"][0]["notebook"])
     banner = nb.cells[0]
-    assert ERROR_MARKER_TAG in banner.metadata.tags and "ValueError: bad token *** (cell 3)" in banner.source
+    assert ERROR_MARKER_TAG in banner.metadata.tags and "ValueError: bad token *** (In [4])" in banner.source
     assert secret not in json.dumps([c for c in nb.cells if c.cell_type == "markdown"])  # nbflow's own cells
     failing = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("raise"))
     assert [o.evalue for o in failing.outputs] == [f"bad token {secret}"]  # the cell's own output is the user's
@@ -760,7 +761,7 @@ def test_keyboard_interrupt_in_the_foreground_cancels_and_records_every_step(fix
     threading.Thread(target=interrupt_once_running, daemon=True).start()
     result = nbflow.run(root, jobs=1, display=False)
     assert result.status.value == "cancelled" and statuses(result) == dict.fromkeys(["slow", "after_slow"], "cancelled")
-    assert result.steps["slow"].error.evalue == "run cancelled in cell 3"
+    assert result.steps["slow"].error.evalue == "run cancelled at In [3]"
     rows = {r["step"]: r for r in step_rows(root, result.run_id)}
     assert {name: r["status"] for name, r in rows.items()} == {"slow": "cancelled", "after_slow": "cancelled"}
     nb = executed_notebook(root, rows["slow"]["notebook"])

@@ -50,7 +50,7 @@ def record_run(root: Path, run_id: str, started: float, *, fail_c: bool = True) 
     recorder = LedgerRecorder(ledger, ("api_token",))
     nb = f"_nbflow/runs/{run_id}"
     error = StepError("exception", "ValueError", "no rows left", cell=4, source_line="check(df)",
-                      traceback="\x1b[0;31mValueError\x1b[0m: no rows left")
+                      traceback="\x1b[0;31mValueError\x1b[0m: no rows left", execution_count=5)
     plan = (PlannedStep("a", "skip", ("fresh",)), PlannedStep("b", "run", ("parameter offset 1 -> 5",)),
             PlannedStep("c", "run", ("never run",)), PlannedStep("d", "run", ("never run",)))
     events = [
@@ -122,10 +122,10 @@ def test_report_of_a_named_run_has_header_graph_steps_and_files(recorded, tmp_pa
     assert 'href="#step-c"' in page and 'id="step-c"' in page
     # steps: status, attempts, duration, error with its cell, the notebook relative to the report
     row_c = re.search(r'<tr id="row-c">.*?</tr>', page, re.S).group(0)
-    assert "ValueError" in row_c and "no rows left" in row_c and "in cell 4" in row_c
+    assert "ValueError" in row_c and "no rows left" in row_c and "at In [5]" in row_c and "cell 4" not in row_c
     assert '<a href="../diamond/_nbflow/runs/20250101T060000-aaaaaa/c.ipynb">' in row_c
     section_c = section(page, "c")
-    assert "ValueError: no rows left" in section_c and "in cell 4" in section_c
+    assert "ValueError: no rows left" in section_c and "at In [5]" in section_c and "cell 4" not in section_c
     assert "\x1b" not in section_c and "<summary>traceback</summary>" in section_c
     assert (out.parent / "../diamond/_nbflow/runs/20250101T060000-aaaaaa/c.ipynb").resolve().exists()
     row_b = re.search(r'<tr id="row-b">.*?</tr>', page, re.S).group(0)
@@ -356,8 +356,8 @@ def test_a_failed_step_shows_its_error_the_cell_and_the_line(recorded, tmp_path)
                                                  "evalue": "no rows left", "traceback": ansi_trace}, count=5),
              code("never()", count=None))
     c = section(page_for(recorded, tmp_path), "c")
-    # the source notebook's cell 4 (title, parameters, load, check): inserted cells are not counted
-    assert "ValueError: no rows left" in c and "in cell 4 (In [5]), line 2" in c
+    # one number, the executed notebook's: In [5] (the source notebook's cell 4 is not named)
+    assert "ValueError: no rows left" in c and "at In [5], line 2" in c and "cell 4" not in c
     assert '<span class="line failing"><span class="ln">2</span>check(df)</span>' in c
     assert "1461 rows loaded" in c  # what ran before the failure is still shown
     assert "\x1b" not in c
@@ -452,3 +452,36 @@ def test_notebooks_html_without_nbconvert_names_the_extra_and_writes_nothing(rec
     assert not out.exists() and not report.notebooks_dir(out).exists()
     result = CliRunner().invoke(main, ["report", str(recorded), "-o", str(out), "--notebooks-html"])
     assert result.exit_code == 1 and 'pip install "nbflow[html]"' in result.output
+
+
+def test_a_ledger_of_the_previous_version_still_shows_its_failures_with_their_cell(tmp_path):
+    """Schema 2 kept a failure's cell as the source notebook numbers it (markdown counted): such a row reads
+    'cell 4'; the ledger gains the In [n] column and new failures are named In [n]."""
+    import sqlite3  # noqa: PLC0415
+
+    from nbflow import state  # noqa: PLC0415
+
+    folder = tmp_path / "_nbflow"
+    folder.mkdir()
+    old = sqlite3.connect(folder / "history.sqlite")
+    old.executescript(state._SCHEMA.replace(",\n    error_execution INTEGER", "") + "PRAGMA user_version=2;")
+    old.execute("INSERT INTO runs (run_id, started_at, finished_at, status) VALUES ('r1', 1, 2, 'failed')")
+    old.execute("INSERT INTO step_runs (run_id, step, attempt, status, error_kind, error_name, error_value, error_cell)"
+                " VALUES ('r1', 'c', 1, 'failed', 'exception', 'ValueError', 'no rows left', 4)")
+    old.commit()
+    old.close()
+    ledger = Ledger(folder)
+    try:
+        [row] = ledger.step_runs("r1")
+        assert (row["error_cell"], row["error_execution"], row["error_where"]) == (4, None, "cell 4")
+        assert "ValueError: no rows left<span class=\"cell\"> at cell 4</span>" in report._one_line_error(row)
+        recorder = LedgerRecorder(ledger)
+        recorder(RunStarted("r2", str(tmp_path), 3.0, ()))
+        recorder(StepStarted("c", 1, "_nbflow/runs/r2/c.ipynb", 5, 3.0))
+        recorder(StepFailed("c", 1, 1.0, "_nbflow/runs/r2/c.ipynb",
+                            StepError("exception", "ValueError", "no rows left", cell=4, execution_count=5)))
+        [row] = ledger.step_runs("r2")
+        assert (row["error_cell"], row["error_execution"], row["error_where"]) == (4, 5, "In [5]")
+        assert "at In [5]" in report._one_line_error(row)
+    finally:
+        ledger.close()

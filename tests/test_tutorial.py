@@ -80,7 +80,7 @@ def test_tutorial_runs_top_to_bottom(tmp_path):
 
     # the failure, and the executed notebook kept for it with papermill's error banner on top
     failure = stdout_of(code_cell(nb, 'failed = result.steps["daily"]'))
-    assert "KeyError" in failure and "(cell 4)" in failure and '("amuont", "count")' in failure
+    assert "KeyError" in failure and "(In [3])" in failure and '("amuont", "count")' in failure
     banner = code_cell(nb, "kept = nbformat.read").outputs[0].data["text/markdown"]
     assert "An Exception was encountered" in banner and "KeyError" in banner and "In [3]" in banner
 

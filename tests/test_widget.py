@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import pickle
 import re
 import threading
 import time
@@ -12,7 +13,7 @@ import pytest
 
 import nbflow
 from nbflow import api
-from nbflow.events import (CellFinished, CellStarted, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus,
+from nbflow.events import (MAX_OUTPUT_TEXT, CellFinished, CellOutput, CellStarted, PlannedStep, RunFinished, RunResult, RunStarted, RunStatus,
                            StepCancelled, StepError, StepFailed, StepNotRun, StepResult, StepSkipped, StepStarted,
                            StepStatus, StepSucceeded)
 from nbflow.graph import build_graph
@@ -27,7 +28,8 @@ RUN = "20260101T000000-abcdef"
 TRACEBACK = "ValueError                                Traceback (most recent call last)\nCell In[4], line 2\n" \
             "----> 2     raise ValueError(...)\nValueError: the numbers add up to 55, not 54"
 ERROR = StepError("exception", "ValueError", "the numbers add up to 55, not 54", cell=5,
-                  source_line='raise ValueError(f"the numbers add up to {sum(numbers)}, not 54")', traceback=TRACEBACK)
+                  source_line='raise ValueError(f"the numbers add up to {sum(numbers)}, not 54")', traceback=TRACEBACK,
+                  execution_count=5)
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
@@ -60,10 +62,10 @@ def started(w: RunWidget, t0: float) -> None:
 
 def run_cells(w: RunWidget, step: str, cells: list[int], ok: bool = True, start: int = 1) -> None:
     """CellStarted/CellFinished for the notebook cells `cells` (as numbered in the notebook, markdown counted),
-    the `start`-th code cell to run first."""
+    the `start`-th code cell to run first (as the executor numbers them: In [index])."""
     total = w.rows[step].cells_total
     for index, cell in enumerate(cells, start=start):
-        w(CellStarted(step, cell, index, total))
+        w(CellStarted(step, cell, index, total, index))
         w(CellFinished(step, cell, index, total, 0.01, ok or index < start + len(cells) - 1))
 
 
@@ -128,9 +130,10 @@ def test_progress_and_the_running_cell_with_its_line_numbered_as_in_jupyter(pipe
     started(w, t0)
     w(StepStarted("numbers", 1, notebook("numbers"), 5, t0))
     assert "running" in row_html(w, "numbers")
-    w(CellStarted("numbers", 2, 1, 5))
+    w(CellStarted("numbers", 2, 1, 5, 1, "n = 10"))
     w(CellFinished("numbers", 2, 1, 5, 0.1, True))
-    w(CellStarted("numbers", 6, 2, 5))  # notebook cell 6, the second code cell to run
+    # notebook cell 6, the second code cell to run: In [2] in the executed notebook
+    w(CellStarted("numbers", 6, 2, 5, 2, 'with open(outputs["numbers"], "w") as f:'))
     numbers = w.rows["numbers"]
     assert numbers.note == "running In [2]" and numbers.cells == "1/5"
     assert numbers.source_line == 'with open(outputs["numbers"], "w") as f:'
@@ -146,11 +149,11 @@ def test_progress_and_the_running_cell_with_its_line_numbered_as_in_jupyter(pipe
     finish(w, RunStatus.FAILED, t0)
 
 
-def test_the_injected_parameters_cell_is_named_so(pipeline):
+def test_the_injected_parameters_cell_is_numbered_as_the_executed_notebook_shows_it(pipeline):
     view = RunView([PlannedStep("numbers", "run", ())])
     view(StepStarted("numbers", 1, notebook("numbers"), 3, 0.0))
-    view(CellStarted("numbers", 0, 1, 3))
-    assert view.steps["numbers"].note == "running the injected parameters"
+    view(CellStarted("numbers", 0, 1, 3, 1))
+    assert view.steps["numbers"].note == "running In [1]"
 
 
 def test_failure_error_in_jupyters_numbers_traceback_on_demand_and_rerun(pipeline):
@@ -159,7 +162,7 @@ def test_failure_error_in_jupyters_numbers_traceback_on_demand_and_rerun(pipelin
     started(w, t0)
     succeed(w, "numbers", t0=t0)
     w(StepStarted("total", 1, notebook("total"), 5, t0))
-    w(CellStarted("total", 0, 1, 5))  # injected parameters
+    w(CellStarted("total", 0, 1, 5, 1))  # injected parameters: In [1]
     w(CellFinished("total", 0, 1, 5, 0.01, True))
     run_cells(w, "total", [2, 3, 4, 5], ok=False, start=2)  # cell 5 is the fifth cell to run: In [5]
     w(StepFailed("total", 1, 0.75, notebook("total"), ERROR))
@@ -185,6 +188,50 @@ def test_failure_error_in_jupyters_numbers_traceback_on_demand_and_rerun(pipelin
     assert w.view.to_rerun() == ["total", "report"]
     assert "nbflow.run(&#x27;widget_step_raises&#x27;, [&#x27;total&#x27;, &#x27;report&#x27;])" in page
     assert "failed · In [5]" in w.model.graph  # the graph numbers the cell the same way
+
+
+def test_a_running_step_shows_the_last_lines_it_printed_under_its_row(pipeline):
+    w = make_widget(pipeline)
+    t0 = time.time()
+    started(w, t0)
+    w(StepStarted("numbers", 1, notebook("numbers"), 5, t0))
+    w(CellStarted("numbers", 2, 1, 5, 1, "for i in range(n):"))
+    w(CellOutput("numbers", "stdout", "".join(f"row {i}\n" for i in range(10))))
+    w(CellOutput("numbers", "stdout", "progress 10%\rprogress 50%"))  # a progress bar rewrites its line
+    w(CellOutput("numbers", "stdout", "\rprogress 100%\n"))
+    w(CellOutput("numbers", "stderr", "Warning: <slow>\n"))
+    row = w.rows["numbers"]
+    assert row.live_output == [("stdout", "row 6"), ("stdout", "row 7"), ("stdout", "row 8"), ("stdout", "row 9"),
+                               ("stdout", "progress 100%"), ("stderr", "Warning: <slow>")]
+    html = row_html(w, "numbers")
+    assert "running In [1]: <code>for i in range(n):</code>" in html
+    assert '<div class="nbflow-printed" role="log"' in html and "row 5" not in html
+    assert '<div class="nbflow-stderr">Warning: &lt;slow&gt;</div>' in html
+    w(CellOutput("numbers", "stdout", "half a line"))
+    w(CellOutput("numbers", "stdout", " and the rest\n"))
+    w(CellOutput("numbers", "stdout", "half"))
+    w(CellOutput("numbers", "stdout", "end of 3 MB\n", cut=True))  # the text between was left out: a new line
+    assert row.live_output[-3:] == [("stdout", "half a line and the rest"), ("stdout", "half"),
+                                    ("stdout", "end of 3 MB")]
+    w(StepSucceeded("numbers", 1, 2.5, notebook("numbers"), "fp", {}, {}, (), (), t0))
+    assert row.live_output == [] and "nbflow-printed" not in row_html(w, "numbers")
+    w(StepStarted("total", 1, notebook("total"), 5, t0))
+    w(CellOutput("total", "stdout", "attempt 1\n"))
+    w(StepFailed("total", 1, 0.5, notebook("total"), ERROR, will_retry=True, retry_in_s=1))
+    assert w.rows["total"].live_output == []  # retrying: its error shows, not what it printed
+    w(StepStarted("total", 2, notebook("total"), 5, t0))
+    assert w.rows["total"].output == []  # a new attempt starts afresh
+    finish(w, RunStatus.FAILED, t0)
+
+
+def test_printed_text_is_masked_then_bounded_before_any_listener_sees_it():
+    secret = "tok-SECRET-123"
+    small = CellOutput("s", "stdout", f"token={secret}\n", secrets=(secret, "SECRET"))  # longer first
+    assert (small.text, small.cut) == ("token=***\n", False)
+    flood = CellOutput("s", "stdout", f"token={secret}\n" + "z" * 5_000 + f"{secret}!", secrets=(secret,))
+    assert flood.cut and len(flood.text) == MAX_OUTPUT_TEXT and flood.text.endswith("z***!")
+    assert "SECRET" not in flood.text
+    assert pickle.loads(pickle.dumps(flood)) == flood  # it travels back from a dask worker
 
 
 def test_no_rerun_offered_when_nothing_failed(pipeline):
@@ -587,7 +634,7 @@ def test_cell_by_cell_progress_is_sent_at_most_every_min_push_s(pipeline, monkey
     sent = []
     w.model.observe(lambda change: sent.append(change), names="body")
     for index in range(1, 5):
-        w(CellStarted("numbers", index + 1, index, 5))
+        w(CellStarted("numbers", index + 1, index, 5, index))
         w(CellFinished("numbers", index + 1, index, 5, 0.01, True))
     assert sent == [] and w._dirty  # kept for the timer's next tick
     w(StepSucceeded("numbers", 1, 1.0, notebook("numbers"), "fp", {}, {}, (), (), t0))
@@ -606,7 +653,7 @@ def test_graph_is_redrawn_on_state_changes_only(pipeline, monkeypatch):
     calls.clear()
     w(StepStarted("numbers", 1, notebook("numbers"), 3, t0))
     assert len(calls) == 1
-    w(CellStarted("numbers", 2, 1, 3))
+    w(CellStarted("numbers", 2, 1, 3, 1))
     w(CellFinished("numbers", 2, 1, 3, 0.1, True))
     assert len(calls) == 1
     w(StepSucceeded("numbers", 1, 1.0, notebook("numbers"), "fp", {}, {}, (), (), t0))

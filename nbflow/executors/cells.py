@@ -30,8 +30,9 @@ What nbclient does and this does not:
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
-from typing import Any
+from typing import Any, Callable
 
 # How often a cell that produces nothing checks that its kernel is alive.
 _ALIVE_CHECK_INTERVAL = 1.0
@@ -42,6 +43,10 @@ _DISPLAY_TYPES = ("display_data", "execute_result", "update_display_data")
 _RAISES_TAG = "raises-exception"  # nbclient's: the cell is expected to raise
 _SKIP_TAG = "skip-execution"  # nbclient's default `skip_cells_with_tag`
 _OUTPUT_MODEL = ("@jupyter-widgets/output", "OutputModel")  # (_model_module, _model_name) of ipywidgets.Output
+# A running cell's printed text goes to `on_output` at most this often per stream (s), and only its last
+# _LIVE_KEEP characters: a cell that prints 30 MB sends a few events of a few KB.
+LIVE_INTERVAL_S = 0.1
+_LIVE_KEEP = 8_000
 
 
 class CellExecutionError(Exception):
@@ -78,16 +83,30 @@ class DeadKernelError(RuntimeError):
 class CellRunner:
     """Runs the cells of one notebook, one at a time, on one kernel (`km` / `kc` of a started kernel)."""
 
-    def __init__(self, km: Any, kc: Any, *, timeout: float | None = None) -> None:
+    def __init__(self, km: Any, kc: Any, *, timeout: float | None = None,
+                 on_output: Callable[[str, str, bool], None] | None = None) -> None:
+        """`on_output(stream, text, cut)`: what the running cell prints, for a live view (see _LiveOutput)."""
         self.km = km
         self.kc = kc
         self.timeout = timeout if timeout and timeout > 0 else None
+        self.live = _LiveOutput(on_output) if on_output is not None else None
         self.cells_executed = 0
         self._displays: dict[str, list[dict]] = {}  # display_id -> the outputs showing it, in any cell
         self._output_widgets: dict[str, _OutputWidget] = {}  # comm_id -> an Output widget the kernel opened
         # msg_id of an execute request -> the Output widgets capturing its outputs, the innermost last
         self._capturing: dict[str, list[_OutputWidget]] = {}
         self._clear_pending = False  # clear_output(wait=True): clear the cell before its next output
+
+    def next_execution_count(self, cell: dict) -> int | None:
+        """The n of the In [n] that `cell` gets if it is executed next; None for a cell that is not run.
+
+        The one place that numbers a step's cells as Jupyter shows them: the
+        executed notebook, its banner, every error and every presenter use it.
+        """
+        tags = (cell.get("metadata") or {}).get("tags") or []
+        if not cell["source"].strip() or _SKIP_TAG in tags:
+            return None
+        return self.cells_executed + 1
 
     async def execute_cell(self, cell: dict, execution_count: int | None = None) -> None:
         """Execute `cell` (a code cell dict); its outputs, execution count and timing metadata are set in place.
@@ -110,17 +129,33 @@ class CellRunner:
         msg_id = self.kc.execute(cell["source"], store_history=True, stop_on_error=not may_raise,
                                  allow_stdin=False)
         self.cells_executed += 1
-        loop = asyncio.get_running_loop()
-        deadline = None if self.timeout is None else loop.time() + self.timeout
         poller = Poller()
         poller.register(self.kc.shell_channel.socket, zmq.POLLIN)
         poller.register(self.kc.iopub_channel.socket, zmq.POLLIN)
+        try:
+            reply = await self._run(cell, msg_id, timing, poller)
+        finally:
+            if self.live is not None:
+                self.live.send()  # what the cell printed last, however it ended
+        if execution_count:
+            cell["execution_count"] = execution_count
+        if reply["content"].get("status") == "error" and not may_raise:
+            raise CellExecutionError.from_cell(cell, reply["content"])
+
+    async def _run(self, cell: dict, msg_id: str, timing: dict[str, str], poller: Any) -> dict[str, Any]:
+        """Follow the execute request until its reply and idle status (or the grace after the reply)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
         reply: dict[str, Any] | None = None
         idle = False
         grace_until = 0.0
         while reply is None or not idle:
             now = loop.time()
+            if self.live is not None and self.live.due_at is not None and now >= self.live.due_at:
+                self.live.send(now)
             wake = now + _ALIVE_CHECK_INTERVAL
+            if self.live is not None and self.live.due_at is not None:
+                wake = min(wake, self.live.due_at)
             if reply is None and deadline is not None:
                 if now >= deadline:
                     raise CellTimeoutError(f"A cell timed out while it was being executed, after {self.timeout:g} "
@@ -131,6 +166,8 @@ class CellRunner:
                     break  # as nbclient: a late idle status is not worth failing the cell for
                 wake = min(wake, grace_until)
             if not await poller.poll(max(1, int((wake - now) * 1000) + 1)):
+                if self.live is not None and self.live.due_at is not None and loop.time() >= self.live.due_at:
+                    continue  # woken to send the printed text (above), not to check the kernel
                 if reply is None and not await self.km.is_alive():
                     raise DeadKernelError("Kernel died")
                 continue
@@ -148,11 +185,8 @@ class CellRunner:
                     break
                 if message["parent_header"].get("msg_id") == msg_id:
                     idle = self._on_iopub(cell, message, timing)
-        if execution_count:
-            cell["execution_count"] = execution_count
         assert reply is not None
-        if reply["content"].get("status") == "error" and not may_raise:
-            raise CellExecutionError.from_cell(cell, reply["content"])
+        return reply
 
     def _on_iopub(self, cell: dict, message: dict, timing: dict[str, str]) -> bool:
         """Record one iopub message of the running cell, in nbclient's order; True for the idle status."""
@@ -177,6 +211,8 @@ class CellRunner:
             return False
         if kind not in _OUTPUT_TYPES and kind != "clear_output":
             return False  # update_display_data (done above), and what no front end shows
+        if kind == "stream" and self.live is not None:
+            self.live.add(content["name"], content["text"])
         capturing = self._capturing.get(message["parent_header"]["msg_id"])
         if capturing:
             capturing[-1].record(kind, content, message["parent_header"])
@@ -215,6 +251,51 @@ class CellRunner:
             self._capturing[widget.msg_id].remove(widget)
             if not self._capturing[widget.msg_id]:
                 del self._capturing[widget.msg_id]
+
+
+class _LiveOutput:
+    """The text a running cell prints, on its way to a live view: coalesced and bounded.
+
+    Stream messages are collected per stream and sent together at most every
+    LIVE_INTERVAL_S (the cell's loop wakes for it), and when the cell ends. Only
+    the last _LIVE_KEEP characters of each stream wait (whole chunks are dropped
+    from the front, so each message costs O(1)); `cut` tells the receiver that
+    the text sent does not continue the text sent before.
+    """
+
+    def __init__(self, send: Callable[[str, str, bool], None]) -> None:
+        self._send = send
+        self._pending: dict[str, tuple[collections.deque[str], list[int]]] = {}  # stream -> (chunks, [size, cut])
+        self._sent_at = 0.0
+        self.due_at: float | None = None  # loop time when what is pending is to be sent
+
+    def add(self, stream: str, text: str) -> None:
+        if not text:
+            return
+        chunks, state = self._pending.setdefault(stream, (collections.deque(), [0, 0]))
+        chunks.append(text)
+        state[0] += len(text)
+        while len(chunks) > 1 and state[0] - len(chunks[0]) >= _LIVE_KEEP:
+            state[0] -= len(chunks.popleft())
+            state[1] = 1
+        if self.due_at is None:
+            self.due_at = self._sent_at + LIVE_INTERVAL_S
+
+    def send(self, now: float | None = None) -> None:
+        """Send what is pending, one call per stream."""
+        pending, self._pending = self._pending, {}
+        self.due_at = None
+        if now is None:
+            now = asyncio.get_running_loop().time()
+        self._sent_at = now
+        for stream, (chunks, (size, cut)) in pending.items():
+            text = "".join(chunks)
+            if len(text) > _LIVE_KEEP:
+                text, cut = text[-_LIVE_KEEP:], 1
+            try:
+                self._send(stream, text, bool(cut))
+            except Exception:  # noqa: BLE001 - a live view that cannot be told must not fail the cell
+                pass
 
 
 class _OutputWidget:

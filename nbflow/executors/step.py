@@ -1,6 +1,6 @@
 """Execute one attempt of one step: a fresh kernel, the cells, the executed copy.
 
-Owns: driving the cells one by one (`cells.CellRunner`, emitting CellStarted/CellFinished), the
+Owns: driving the cells one by one (`cells.CellRunner`, emitting CellStarted/CellOutput/CellFinished), the
 step timeout, cancellation, turning every way a step can end (exception, cell
 timeout, step timeout, dead kernel, missing output, cancel) into a StepOutcome
 whose error holds the kernel's traceback (not the cell's printed output) with
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from .. import executed, stores
 from ..errors import PipelineError
-from ..events import CellFinished, CellStarted, StepStarted, StepStatus
+from ..events import CellFinished, CellOutput, CellStarted, StepStarted, StepStatus, cell_label, masker
 from ..events import StepError as _StepError
 from ..notebook import load_notebook_json
 from . import Emit, StepOutcome, StepTask
@@ -86,7 +86,10 @@ class _Attempt:
         self.code_cells = [i for i, c in enumerate(self.nb["cells"]) if c["cell_type"] == "code"
                            and c["source"].strip()]
         # Every error of this attempt masks the step's secrets before it is bounded (no cut leaves part of one).
-        self.error_of = functools.partial(_StepError, secrets=_secrets(task.env))
+        self.secrets = _secrets(task.env)
+        self.error_of = functools.partial(_StepError, secrets=self.secrets)
+        self.mask = masker(self.secrets)
+        self.counts: dict[int, int | None] = {}  # index (in nb["cells"]) -> the n of its In [n]
         self.status = StepStatus.SUCCEEDED
         self.error: _StepError | None = None
         self.current: int | None = None  # index (in nb["cells"]) of the cell running now
@@ -103,17 +106,19 @@ class _Attempt:
         task, total = self.task, len(self.code_cells)
         async with self.step_timer:
             self.kernel = await pool.acquire(task.step, KernelRequest(task.kernel, task.cwd, task.env))
-            runner = CellRunner(self.kernel.km, self.kernel.kc, timeout=task.cell_timeout)
+            runner = CellRunner(self.kernel.km, self.kernel.kc, timeout=task.cell_timeout, on_output=self._printed)
             for position, i in enumerate(self.code_cells, start=1):
                 _raise_if_cancel_requested()
                 cell = self.nb["cells"][i]
                 self.current = i
-                self.emit(CellStarted(task.step, self.numbers[i], position, total))
+                count = self.counts[i] = runner.next_execution_count(cell)
+                line = self.mask(first_code_line(cell["source"])) if self.numbers[i] else ""
+                self.emit(CellStarted(task.step, self.numbers[i], position, total, count, line))
                 t0 = time.time()
                 executed.mark_cell(cell, "running", start=t0)
                 ok = False
                 try:
-                    await runner.execute_cell(cell, execution_count=runner.cells_executed + 1)
+                    await runner.execute_cell(cell, execution_count=count)
                     ok = True
                 finally:
                     t1 = time.time()
@@ -122,14 +127,24 @@ class _Attempt:
                 self.last_done = i
             self.current = None
 
+    def _printed(self, stream: str, text: str, cut: bool) -> None:
+        """What the running cell printed (coalesced by the CellRunner), for live views, secrets masked."""
+        self.emit(CellOutput(self.task.step, stream, text, cut, secrets=self.secrets))
+
     def _number(self) -> int | None:
         return None if self.current is None else (self.numbers[self.current] or None)
 
+    def _count(self) -> int | None:
+        """The n of the In [n] of the cell running now."""
+        return None if self.current is None else self.counts.get(self.current)
+
     def _where(self) -> str:
+        """' at In [3]', where the attempt is now, as the executed notebook numbers it."""
         if self.current is None:
             return ""
-        n = self.numbers[self.current]
-        return " in the injected parameters cell" if n == 0 else f" in cell {n}"
+        label = cell_label(self._count(), self._number())
+        injected = " (the injected parameters)" if self.numbers[self.current] == 0 else ""
+        return f" at {label}{injected}" if label else " in the injected parameters cell"
 
     def failed_with(self, e: BaseException) -> None:
         """Say how the attempt ended, from what stopped it."""
@@ -137,38 +152,40 @@ class _Attempt:
         from .cells import CellExecutionError, CellTimeoutError, DeadKernelError  # noqa: PLC0415
 
         task, nb, cell, number = self.task, self.nb, self.current, self._number()
+        error_of = functools.partial(self.error_of, execution_count=self._count())
         self.status = StepStatus.FAILED
         me = asyncio.current_task()
         if isinstance(e, asyncio.CancelledError) or (isinstance(e, DeadKernelError) and me and me.cancelling()):
             # a kernel that dies while the run is being cancelled counts as the cancel
             self.status = StepStatus.CANCELLED
-            self.error = self.error_of("cancelled", "Cancelled", f"run cancelled{self._where()}", number)
+            self.error = error_of("cancelled", "Cancelled", f"run cancelled{self._where()}", number)
         elif isinstance(e, KernelStartError):
             self.error = self.error_of("kernel_start", "KernelStartError", str(e))
         elif isinstance(e, CellTimeoutError):
-            self.error = self.error_of("timeout", "CellTimeoutError",
-                                       f"cell timed out after {task.cell_timeout:g} s (cell_timeout)", number,
-                                       _first_line(nb, cell))
+            self.error = error_of("timeout", "CellTimeoutError",
+                                  f"cell timed out after {task.cell_timeout:g} s (cell_timeout)", number,
+                                  _first_line(nb, cell))
         elif isinstance(e, CellExecutionError):
             # The kernel's traceback, from the cell's error output. e.traceback (nbclient's message) holds
             # everything the cell printed as well (30 MB, once): only when the error output went elsewhere
             # (into an Output widget) is it used, and then StepError keeps its end.
             kernel_tb = _kernel_traceback(nb["cells"][cell]) if cell is not None else ""
             tb = _ANSI.sub("", kernel_tb or e.traceback)
-            self.error = self.error_of("exception", e.ename or "Error", _ANSI.sub("", e.evalue or ""), number,
-                                       _failing_line(nb, cell, tb), tb)
+            self.error = error_of("exception", e.ename or "Error", _ANSI.sub("", e.evalue or ""), number,
+                                  _failing_line(nb, cell, tb), tb)
         elif isinstance(e, TimeoutError) or (isinstance(e, DeadKernelError) and self.step_timer.expired()):
             # the step timer kills the kernel: dying then is the timeout
-            self.error = self.error_of("timeout", "StepTimeout", f"timed out after {task.timeout:g} s{self._where()}",
-                                       number, _first_line(nb, cell))
+            self.error = error_of("timeout", "StepTimeout", f"timed out after {task.timeout:g} s{self._where()}",
+                                  number, _first_line(nb, cell))
         elif isinstance(e, DeadKernelError):
-            last = (f"; the last cell that completed was cell {self.numbers[self.last_done]}"
+            last = (f"; the last cell that completed was "
+                    f"{cell_label(self.counts.get(self.last_done), self.numbers[self.last_done])}"
                     if self.last_done is not None else "")
-            self.error = self.error_of("kernel_died", "DeadKernelError",
-                                       f"kernel died{self._where()}{last} (crash, os._exit, or killed for memory?)",
-                                       number, _first_line(nb, cell))
+            self.error = error_of("kernel_died", "DeadKernelError",
+                                  f"kernel died{self._where()}{last} (crash, os._exit, or killed for memory?)",
+                                  number, _first_line(nb, cell))
         else:  # any other failure still saves the notebook
-            self.error = self.error_of("exception", type(e).__name__, str(e), number, _first_line(nb, cell))
+            self.error = error_of("exception", type(e).__name__, str(e), number, _first_line(nb, cell))
 
     def check_outputs(self) -> None:
         """A step that ran through fails when a declared output is missing, odd, or from before the run."""
@@ -268,6 +285,14 @@ def _kernel_traceback(cell: dict) -> str:
     for output in reversed(cell.get("outputs", [])):
         if output.get("output_type") == "error":
             return "\n".join(output.get("traceback") or [f"{output.get('ename')}: {output.get('evalue')}"])
+    return ""
+
+
+def first_code_line(source: str) -> str:
+    """The first line of a cell's code, comments and blank lines left out: what shows the cell running."""
+    for line in source.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.strip()
     return ""
 
 

@@ -408,9 +408,9 @@ def _subtitle(result: Any, name: str, status: str | None) -> str:
     parts = [STATUS_STYLES[status].label.split(" (")[0] if status in STATUS_STYLES else status]
     error = getattr(step, "error", None)
     duration = getattr(step, "duration_s", None)
-    cell = getattr(error, "cell", None)
-    if status == "failed" and cell:
-        parts.append(getattr(step, "cell_label", None) or f"cell {cell}")  # the widget's: "In [4]"
+    where = getattr(error, "where", "") if error is not None else ""
+    if status == "failed" and where:
+        parts.append(where)  # "In [4]", as everywhere (events.cell_label)
     elif status in ("succeeded", "failed", "cancelled") and isinstance(duration, (int, float)):
         parts.append(format_duration(duration))
     attempts = getattr(step, "attempts", 0)

@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NbflowError, PipelineError, Problem
-from ..events import MASK, StepError
+from ..events import MASK, StepError, cell_label
 from ..graph import STATE_DIR, Graph, build_graph
-from ..layout import StateLayout
 from ..layout import StateLayout
 from ..params import is_secret_name
 from . import gantt, notebook_content, plot
@@ -186,7 +185,8 @@ def _last_attempts(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         merged = dict(row)
         if previous is not None and row["error_name"] is None and previous["error_name"] is not None \
                 and row["status"] != "succeeded":
-            for key in ("error_kind", "error_name", "error_value", "error_cell", "error_traceback"):
+            for key in ("error_kind", "error_name", "error_value", "error_cell", "error_traceback",
+                        "error_execution"):
                 merged[key] = previous[key]
         merged["earlier_errors"] = (previous["earlier_errors"] if previous else []) + (
             [previous] if previous is not None and previous["error_name"] else [])
@@ -202,7 +202,7 @@ def _error(row: dict[str, Any]) -> StepError | None:
     if not row["error_name"]:
         return None
     return StepError(row["error_kind"] or "exception", row["error_name"], row["error_value"] or "",
-                     row["error_cell"], None, row["error_traceback"] or "")
+                     row["error_cell"], None, row["error_traceback"] or "", row.get("error_execution"))
 
 
 def _graph(root: Path) -> Graph | PipelineError:
@@ -317,9 +317,9 @@ def _one_line_error(r: dict[str, Any]) -> str:
     error = _error(r)
     if error is None:
         return ""
-    where = f" in cell {error.cell}" if error.cell else ""
+    where = f" at {error.where}" if error.where and error.where not in error.evalue else ""
     return (f'<div class="error">{html.escape(error.ename)}: {html.escape(error.evalue)}'
-            f'<span class="cell">{where}</span></div>')
+            f'<span class="cell">{html.escape(where)}</span></div>')
 
 
 def _steps_table(root: Path, steps: dict[str, dict[str, Any]], report_dir: Path) -> str:
@@ -435,10 +435,12 @@ def _failure(r: dict[str, Any], content: NotebookContent | None) -> str:
     assert error is not None
     failed = content.failed if content is not None else None
     cell = error.cell or (failed.number if failed else None)
-    where = f"in cell {cell}" if cell else ""
-    if failed is not None and failed.number == cell:
-        where += f" (In [{failed.execution}])" if failed.execution else ""
-        where += f", line {failed.line}" if failed.line else ""
+    same = failed is not None and failed.number == cell
+    # In [n] as everywhere; a failure recorded before the ledger kept it: as its executed notebook numbers it
+    label = cell_label(error.execution_count or (failed.execution if failed is not None and same else None), cell)
+    where = f"at {label}" if label and label not in error.evalue else ""
+    if failed is not None and same and failed.line:
+        where += f", line {failed.line}" if where else f"line {failed.line}"
     headline = (f'<p class="error">{html.escape(error.ename)}: {html.escape(error.evalue)} '
                 f'<span class="cell">{html.escape(where)}</span></p>')
     parts = ['<div class="failure">', headline]
@@ -447,7 +449,7 @@ def _failure(r: dict[str, Any], content: NotebookContent | None) -> str:
         numbered = "".join(
             f'<span class="line{" failing" if i == failed.line else ""}"><span class="ln">{i}</span>'
             f"{html.escape(text) or ' '}</span>" for i, text in enumerate(lines, start=1))
-        parts.append(f'<pre class="source failed-cell" title="cell {failed.number}">{numbered}</pre>')
+        parts.append(f'<pre class="source failed-cell" title="{html.escape(label)}">{numbered}</pre>')
     trace = _ANSI.sub("", error.traceback).strip() or (failed.traceback.strip() if failed else "")
     if trace:
         parts.append(f"<details><summary>traceback</summary><pre>{html.escape(trace)}</pre></details>")
@@ -461,8 +463,8 @@ def _outputs(name: str, cells: tuple[ShownCell, ...], shown: _Shown) -> str:
         return f'<p class="muted">No {what} to show; see the executed notebook.</p>'
     parts = []
     for cell in cells:
-        label = f"In [{cell.execution}]" if cell.execution else f"cell {cell.number}"
-        parts.append(f'<div class="cell"><div class="cellno" title="cell {cell.number} of the notebook">{label}</div>')
+        label = cell_label(cell.execution, cell.number)
+        parts.append(f'<div class="cell"><div class="cellno">{label}</div>')
         if cell.source is not None:
             parts.append(f'<pre class="source">{html.escape(cell.source)}</pre>')
         parts += [_output(name, cell.number, output, shown) for output in cell.outputs]

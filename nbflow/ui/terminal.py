@@ -1,7 +1,8 @@
 """Live progress of a run in a terminal, drawn with rich.
 
 Owns: the live table (one line per step: state, a bar through its cells,
-elapsed time, attempts, and why it runs or why it failed), the failure
+elapsed time, attempts, and why it runs or why it failed), under it the
+cell each running step is in with the last lines it printed, the failure
 details (error, failing line, executed notebook) and the summary line. A
 listener; the CLI picks it when stdout is a terminal. rich is imported here
 and nowhere else.
@@ -22,13 +23,16 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from ..events import Event, RunFinished, RunStarted, StepStatus, WatchCycleFinished, WatchCycleStarted, WatchStopped
+from ..events import (CellOutput, Event, RunFinished, RunStarted, StepStatus, WatchCycleFinished, WatchCycleStarted,
+                      WatchStopped)
 from ..layout import StateLayout
 from .view import STATE_STYLES, RunView, StepView, cycle_cause, cycle_outcome, format_duration
 
 _BAR_WIDTH = 16
 _EAGER_ROWS = 30  # a table up to this long is redrawn on every event
 _BAR_STYLES = {StepStatus.FAILED: "red", StepStatus.CANCELLED: "dark_orange"}
+_LIVE_STEPS = 3  # running steps whose cell and last printed lines show under the table
+_LIVE_OUTPUT_LINES = 3
 
 
 class TerminalProgress:
@@ -64,7 +68,7 @@ class TerminalProgress:
         elif isinstance(event, RunFinished):
             self._stop()
             self.console.print(self._summary(), soft_wrap=True)  # paths stay whole, easy to copy
-        elif self._live is not None:
+        elif self._live is not None and not isinstance(event, CellOutput):  # printed text: the next refresh
             # Drawn at once for a small run; a large one (300 steps: a table of 300 rows per event) is redrawn
             # at most refresh_per_second times, by this call or by the Live's own refresh thread.
             now = time.monotonic()
@@ -111,7 +115,24 @@ class TerminalProgress:
                 table.add_row("", Text(f"… {hidden}", style="grey50"), "", "", "", "", "")
             failures = [self._failure(r) for r in self.rows.values() if r.error is not None
                         and (r.status == StepStatus.FAILED or r.retrying)]
-            return Group(table, *failures) if failures else table
+            live = self._running_now() if self._live is not None and self.view.result is None else []
+            return Group(table, *live, *failures) if failures or live else table
+
+    def _running_now(self) -> list[RenderableType]:
+        """Under the table, for the first few running steps: the cell it is in and the last lines it printed."""
+        shown: list[RenderableType] = []
+        for row in [r for r in self.rows.values() if r.status == StepStatus.RUNNING and not r.retrying
+                    and (r.source_line or r.live_output)][:_LIVE_STEPS]:
+            text = Text(no_wrap=True, overflow="ellipsis")
+            text.append(f"▶ {row.name}", style="bold dodger_blue2")
+            if row.at:
+                text.append(f" {row.at}", style="grey50")
+            if row.source_line:
+                text.append(f": {row.source_line}")
+            for stream, line in row.live_output[-_LIVE_OUTPUT_LINES:]:
+                text.append(f"\n    {line}", style="red" if stream == "stderr" else "grey50")
+            shown.append(text)
+        return shown
 
     def _visible_rows(self) -> tuple[list[StepView], str]:
         """While live, as many rows as the terminal shows: the steps running or failed first, then those next

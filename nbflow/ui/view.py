@@ -5,9 +5,11 @@ progress through its cells, the cell it is in, times, executed notebook,
 error, the note that says why), the run's own state and totals, the words,
 icons and colours of each state, how a duration is written, and how a cell
 is named: `In [n]`, its execution count in the executed notebook, the one
-number a Jupyter user sees (the progress `n/total` counts the same cells). The widget,
-the terminal and the log read this; none keeps a picture of its own, so they
-cannot disagree. Imports nothing heavy: no ipywidgets, no rich.
+number a Jupyter user sees (events.cell_label writes it; the progress `n/total`
+counts the same cells), and the last lines a running step printed (its
+stdout and stderr, from CellOutput events). The widget, the terminal and the
+log read this; none keeps a picture of its own, so they cannot disagree.
+Imports nothing heavy: no ipywidgets, no rich.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..events import (MASK, CellFinished, CellStarted, Event, PlannedStep, RunFinished, RunResult, RunStarted,
-                      RunStatus, StepCancelled, StepError, StepFailed, StepNotRun, StepSkipped, StepStarted,
-                      StepStatus, StepSucceeded, WatchCycleFinished)
+from ..events import (MASK, CellFinished, CellOutput, CellStarted, Event, PlannedStep, RunFinished, RunResult,
+                      RunStarted, RunStatus, StepCancelled, StepError, StepFailed, StepNotRun, StepSkipped,
+                      StepStarted, StepStatus, StepSucceeded, WatchCycleFinished, cell_label)
 
 if TYPE_CHECKING:
     from ..graph import Graph
@@ -113,8 +115,10 @@ class StepView:
     error: StepError | None = None
     note: str = ""  # why it runs, why it was skipped or not run, what it does now
     reasons: tuple[str, ...] = ()
-    executions: dict[int, int] = field(default_factory=dict)  # notebook cell -> n of its In [n] in this run
+    execution: int | None = None  # the n of the In [n] of `cell` in the executed notebook
     source_line: str = ""  # the first line of the cell running now
+    output: list[tuple[str, str]] = field(default_factory=list)  # the last lines it printed: (stream, line)
+    output_open: bool = False  # the last line has no newline yet: what comes next continues it
     parameters: dict[str, Any] = field(default_factory=dict)  # effective, secrets masked
     outputs: tuple[str, ...] = ()  # declared output paths, relative to the pipeline folder
     worker: str | None = None  # the dask worker it ran on (None: this machine)
@@ -134,13 +138,34 @@ class StepView:
     def group(self) -> str | None:
         return group_of(self.name)
 
-    def where(self, cell: int | None) -> str:
-        """A notebook cell as the user sees it in the executed notebook: 'In [3]' (its execution count)."""
-        if cell is None:
-            return ""
-        if cell == 0:
-            return "the injected parameters"
-        return f"In [{self.executions[cell]}]" if cell in self.executions else f"cell {cell}"
+    @property
+    def at(self) -> str:
+        """The cell it runs now (or stopped in) as the user sees it in the executed notebook: 'In [3]'."""
+        return cell_label(self.execution, self.cell)
+
+    @property
+    def live_output(self) -> list[tuple[str, str]]:
+        """The last lines a running step printed, (stream, line); none once it ended."""
+        return self.output if self.status == StepStatus.RUNNING and not self.retrying else []
+
+    def take_output(self, stream: str, text: str, cut: bool) -> None:
+        """Add what a cell printed: the last LIVE_LINES lines are kept; a carriage return rewrites its line
+        (a progress bar); a line that has no newline yet goes on with the next text of its stream."""
+        pieces = text.split("\n")
+        if cut or not self.output_open or not self.output or self.output[-1][0] != stream:
+            self.output.append((stream, ""))
+        for i, piece in enumerate(pieces):
+            if i:
+                self.output.append((stream, ""))
+            last = self.output[-1][1] + piece
+            if "\r" in last:
+                kept = [part for part in last.split("\r") if part]
+                last = kept[-1] if kept else ""
+            self.output[-1] = (stream, last[-MAX_LIVE_LINE:])
+        self.output_open = not text.endswith("\n")
+        if not self.output_open and self.output and self.output[-1][1] == "":
+            self.output.pop()  # the empty line after the last newline
+        del self.output[:-LIVE_LINES]
 
     @property
     def started(self) -> bool:
@@ -159,6 +184,10 @@ class StepView:
         return None
 
 
+LIVE_LINES = 6  # the last lines of a running step's output that are shown
+MAX_LIVE_LINE = 300  # characters of each
+
+
 class RunView:
     """The state of a run, step by step; `apply` each event (a listener may call it as `view(event)`)."""
 
@@ -169,7 +198,6 @@ class RunView:
         self.steps: dict[str, StepView] = {}
         self.graph = graph
         self._injected = dict(parameters or {})
-        self._sources: dict[str, list[str]] = {}  # step -> its cells' source, read on the first CellStarted
         self.up_to_date_since = ""  # an all-fresh run: the newest run that made what is current
         self.run_id = ""
         self.root = ""
@@ -204,24 +232,6 @@ class RunView:
         secrets = set(getattr(graph.config, "secrets", ()) or ())
         row.parameters = {k: MASK if k in secrets or is_secret_name(k) else v for k, v in values.items()}
 
-    def _cell_line(self, step: str, cell: int) -> str:
-        """The first line of code of a cell of the step's notebook (comments and blank lines left out)."""
-        if self.graph is None or cell < 1 or step not in self.graph.steps:
-            return ""
-        if step not in self._sources:
-            from ..notebook import cell_source, load_notebook_json  # noqa: PLC0415
-
-            try:
-                nb = load_notebook_json(self.graph.steps[step].path)
-                self._sources[step] = [cell_source(c) for c in nb["cells"]] if isinstance(nb, dict) else []
-            except Exception:  # noqa: BLE001 - edited or removed since the run began: show no line
-                self._sources[step] = []
-        cells = self._sources[step]
-        if cell > len(cells):
-            return ""
-        lines = [ln.strip() for ln in cells[cell - 1].splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        return lines[0] if lines else ""
-
     def __call__(self, event: Event) -> StepView | None:
         return self.apply(event)
 
@@ -240,18 +250,18 @@ class RunView:
             return None
         if isinstance(event, StepStarted):
             row.status, row.retrying, row.attempt = StepStatus.RUNNING, False, event.attempt
-            row.cells_done, row.cells_total, row.cell, row.executions = 0, event.total_cells, None, {}
-            row.source_line = ""
+            row.cells_done, row.cells_total, row.cell, row.execution = 0, event.total_cells, None, None
+            row.source_line, row.output, row.output_open = "", [], False
             row.started_at, row.duration_s, row.notebook, row.error = event.started_at, None, None, None
             if event.attempt == 1 and event.reasons:
                 row.reasons = event.reasons
             row.note = "starting"
         elif isinstance(event, CellStarted):
-            row.cells_total, row.cell = event.total, event.cell
-            if event.cell:
-                row.executions[event.cell] = event.index
-            row.source_line = self._cell_line(row.name, event.cell)
-            row.note = f"running {row.where(event.cell)}"
+            row.cells_total, row.cell, row.execution = event.total, event.cell, event.execution_count
+            row.source_line = event.source_line
+            row.note = f"running {row.at}" if row.at else "running the injected parameters"
+        elif isinstance(event, CellOutput):
+            row.take_output(event.stream, event.text, event.cut)
         elif isinstance(event, CellFinished):
             row.cells_done = event.index if event.ok else event.index - 1
             row.cells_total = event.total
@@ -263,6 +273,7 @@ class RunView:
         elif isinstance(event, StepFailed):
             row.attempt, row.notebook = event.attempt, event.notebook or row.notebook
             row.cell = event.error.cell or row.cell
+            row.execution = event.error.execution_count or row.execution
             if event.will_retry:
                 row.retrying, row.error = True, event.error
                 row.note = f"attempt {event.attempt} failed; retry in {event.retry_in_s:g} s"

@@ -390,7 +390,7 @@ class RunWidget:
         key = html.escape(f"step:{row.name}")
         status = "not_started" if row.never_started else row.status.value
         attrs = f'class="nbflow-step" data-step="{name}" data-status="{status}"'
-        error = self._error_html(row) if row.error else ""
+        error = self._error_html(row) if row.error else self._output_html(row)
         if not more:
             return (f'<div {attrs}><div class="nbflow-line"><span class="nbflow-chevron nbflow-none"></span>'
                     f'{"".join(parts)}</div>{error}</div>')
@@ -429,14 +429,24 @@ class RunWidget:
         return (f'<a class="{cls}" href="{href}" data-nbflow-path="{href}" target="_blank" rel="noopener" '
                 f'title="{html.escape(title)}">{html.escape(text)}</a>')
 
+    def _output_html(self, row: StepView) -> str:
+        """The last lines a running step printed, stderr in the error colour."""
+        lines = row.live_output
+        if not lines:
+            return ""
+        shown = "".join(f'<div class="nbflow-{stream if stream == "stderr" else "stdout"}">{html.escape(text) or " "}'
+                        "</div>" for stream, text in lines)
+        return (f'<div class="nbflow-printed" role="log" title="the last lines {html.escape(row.name)} printed '
+                f'(all of them: the executed notebook)"><pre>{shown}</pre></div>')
+
     def _error_html(self, row: StepView) -> str:
         error = row.error
         assert error is not None
         what = html.escape(f"{error.ename}: {error.evalue}" if error.evalue else error.ename)
         where = ""
-        if error.cell is not None:
+        if error.where:
             line = f": <code>{html.escape(error.source_line)}</code>" if error.source_line else ""
-            where = f'<div class="nbflow-where">{html.escape(row.where(error.cell))}{line}</div>'
+            where = f'<div class="nbflow-where">{html.escape(error.where)}{line}</div>'
         traceback = ""
         if error.traceback:
             key = html.escape(f"traceback:{row.name}")
@@ -455,8 +465,7 @@ class RunWidget:
     def _statuses(self) -> Any:
         """The run as the graph colours it: a step cancelled before it started is 'not started'."""
         snapshot = self.view.snapshot()
-        steps = {name: _Shown(step, "not_started" if self.rows[name].never_started else step.status.value,
-                              self.rows[name].where(step.error.cell) if step.error and step.error.cell else "")
+        steps = {name: _Shown(step, "not_started" if self.rows[name].never_started else step.status.value)
                  for name, step in snapshot.steps.items() if name in self.rows}
         return _Snapshot(steps)
 
@@ -481,8 +490,8 @@ class RunWidget:
 class _Shown:
     """One step as the graph reads it: the step's result with the state it shows."""
 
-    def __init__(self, step: Any, status: str, cell_label: str):
-        self.status, self.cell_label = status, cell_label
+    def __init__(self, step: Any, status: str):
+        self.status = status
         self.attempts, self.duration_s, self.error = step.attempts, step.duration_s, step.error
 
 

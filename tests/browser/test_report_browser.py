@@ -143,7 +143,7 @@ def test_a_failed_step_shows_its_error_and_cell_without_javascript(reports, page
     failure = page.locator("#step-clean .failure")
     expect(failure).to_be_visible()
     expect(failure.locator("p.error")).to_contain_text("ValueError: no rows left with min_year=2030")
-    expect(failure.locator("p.error")).to_contain_text("in cell 10")
+    expect(failure.locator("p.error")).to_contain_text("at In [7]")  # as the executed notebook numbers it
     failing = failure.locator(".failing")
     expect(failing).to_be_visible()
     expect(failing).to_contain_text('raise ValueError(f"no rows left with min_year={min_year}")')
