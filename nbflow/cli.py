@@ -231,7 +231,7 @@ def show(pipeline: Path, run_id: str, as_json: bool) -> None:
         if r["parameters"]:
             click.echo("      parameters: " + ", ".join(f"{k}={v!r}" for k, v in r["parameters"].items()))
         if r["error_name"]:
-            cell = f" (cell {r['error_cell']})" if r["error_cell"] else ""
+            cell = f" ({r['error_where']})" if r["error_where"] and r["error_where"] not in r["error_value"] else ""
             click.echo(f"      error: {r['error_name']}: {r['error_value']}{cell}")
         for f in r["files"]:
             click.echo(f"      {f['role']:<6} {f['path']}  sha256 {f['sha256'][:12]}")
