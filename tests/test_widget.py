@@ -711,7 +711,100 @@ def test_the_saved_notebook_keeps_the_final_state_as_static_html_only(pipeline, 
     assert "pending" not in page and "running" not in page
     plain = final["text/plain"]
     assert "failed" in plain and "ValueError" in plain
-    assert closed == [True]  # the live model is closed: nothing of it is left in the kernel
+    # a failed run keeps its model for the Rerun button of its static HTML (hidden until widget.js shows it)
+    assert closed == [] and w.can_rerun
+    assert (f'<button type="button" class="nbflow-rerun-button jupyter-button" hidden style="display:none" '
+            f'data-nbflow-rerun="{w.rerun_token}"') in page
+    assert w.model.controls["rerun_token"] == w.rerun_token
+
+
+def test_a_run_that_ends_well_closes_its_model(pipeline, monkeypatch):
+    class Handle:
+        def update(self, obj, raw=False):
+            pass
+
+    monkeypatch.setattr("IPython.display.display", lambda obj, raw=False, display_id=None: Handle())
+    w = make_widget(pipeline)
+    closed = []
+    monkeypatch.setattr(w.model, "close", lambda: closed.append(True))
+    w.show()
+    t0 = time.time()
+    started(w, t0)
+    succeed(w, "numbers", t0=t0)
+    finish(w, RunStatus.SUCCEEDED, t0, numbers=StepResult("numbers", StepStatus.SUCCEEDED, 1, 1.25, notebook("numbers")))
+    assert closed == [True] and not w.can_rerun  # nothing of it is left in the kernel
+    assert "data-nbflow-rerun" not in w.static_html() and "rerun failed" not in w.static_html()
+
+
+def failed_run_shown(pipeline, monkeypatch, parameters=None) -> tuple[RunWidget, list]:
+    """A widget shown in a (fake) output whose run failed in `total`; the list collects what the output shows."""
+    shown: list = []
+
+    class Handle:
+        def update(self, obj, raw=False):
+            shown.append(obj)
+
+    def display(obj, raw=False, display_id=None):
+        shown.append(obj)
+        return Handle()
+
+    monkeypatch.setattr("IPython.display.display", display)
+    w = make_widget(pipeline, parameters)
+    monkeypatch.setattr(w.model, "close", lambda: shown.append("closed"))
+    w.show()
+    t0 = time.time()
+    started(w, t0)
+    succeed(w, "numbers", t0=t0)
+    w(StepStarted("total", 1, notebook("total"), 5, t0))
+    w(StepFailed("total", 1, 0.75, notebook("total"), ERROR))
+    w(StepNotRun("report", "total"))
+    finish(w, RunStatus.FAILED, t0,
+           numbers=StepResult("numbers", StepStatus.SUCCEEDED, 1, 1.25, notebook("numbers")),
+           total=StepResult("total", StepStatus.FAILED, 1, 0.75, notebook("total"), ERROR),
+           report=StepResult("report", StepStatus.NOT_RUN))
+    return w, shown
+
+
+def test_rerun_failed_makes_the_call_it_shows_in_the_background_and_shows_it_in_the_same_output(pipeline,
+                                                                                                   monkeypatch):
+    (pipeline / "nbflow.yaml").write_text("secrets: [delay]\n")
+    w, shown = failed_run_shown(pipeline, monkeypatch, {"total.delay": 0.5, "numbers.n": 12})
+    assert ("nbflow.run(&#x27;widget_step_raises&#x27;, [&#x27;total&#x27;, &#x27;report&#x27;], parameters="
+            "{&#x27;total.delay&#x27;: &#x27;***&#x27;, &#x27;numbers.n&#x27;: 12})") in w.static_html()
+    calls = []
+
+    def run(*args, **kwargs):  # what nbflow.run does in Jupyter: a widget of its own, shown
+        calls.append((args, kwargs))
+        again = make_widget(pipeline)
+        again.show()
+        return again
+
+    monkeypatch.setattr(nbflow, "run", run)
+    w._on_message(w.model, {"rerun": True}, [])  # the button's click, as the front end sends it
+    w._on_message(w.model, {"rerun": True}, [])  # a second click starts nothing more
+    assert calls == [((str(w.root), ["total", "report"]),
+                      {"parameters": {"total.delay": 0.5, "numbers.n": 12}, "background": True})]
+    # the rerun's widget took this run's output (no new output: a click's output has no cell to go to),
+    # live, below this run's record, folded, which says where its rerun is
+    rerun_bundle = shown[-2]
+    assert shown[-1] == "closed" and WIDGET_VIEW in rerun_bundle
+    page = rerun_bundle["text/html"]
+    earlier, current = page.split('<details class="nbflow-run" data-key="run"', 1)
+    assert '<div class="nbflow-earlier"><details class="nbflow-run" data-key="' + RUN + '/run"' in earlier
+    assert "ValueError: the numbers add up to 55, not 54" in earlier and "rerun below" in earlier
+    assert "data-nbflow-rerun" not in earlier and "pending" in current
+
+
+def test_a_rerun_that_cannot_start_says_why_in_place(pipeline, monkeypatch):
+    w, shown = failed_run_shown(pipeline, monkeypatch)
+
+    def run(*args, **kwargs):
+        raise nbflow.PipelineLocked("another nbflow run of this pipeline is in progress")
+
+    monkeypatch.setattr(nbflow, "run", run)
+    w.rerun()
+    assert shown[-1] == "closed"
+    assert "the rerun could not start: another nbflow run of this pipeline is in progress" in shown[-2]["text/html"]
 
 
 def test_a_background_run_announces_its_end(pipeline):

@@ -1,7 +1,8 @@
 // nbflow's run widget in the browser (anywidget). The HTML comes from Python (widget.py); this
 // places it and adds what needs the browser: sections that stay open or closed across updates,
-// links that open notebooks inside the running Jupyter, and a Cancel button that works while the
-// kernel is busy (see widget.py's docstring for the three ways a cancel travels).
+// links that open notebooks inside the running Jupyter, a Cancel button that works while the
+// kernel is busy (see widget.py's docstring for the three ways a cancel travels), and the
+// "Rerun failed" button of a run that has ended (its static HTML; this sends its click).
 
 function jupyterConfig() {
   const element = document.getElementById("jupyter-config-data");
@@ -65,6 +66,42 @@ function serverContext(kernelId) {
 
 const contexts = new Map(); // kernel id -> Promise of its server context, shared by the views
 
+// A run that ended with failures is static HTML with a hidden "Rerun failed" button naming the run's
+// rerun token; its model stays open in the kernel. A view of the model registers it here (on the page:
+// the module may be loaded more than once), and the button, wherever it appears, is shown and sends
+// its click to the model. A button whose model this page never saw (reloaded since) stays hidden.
+const rerunModels = globalThis.__nbflowRerunModels || (globalThis.__nbflowRerunModels = new Map());
+const RERUN = "button[data-nbflow-rerun]";
+
+function revealRerun(node) {
+  const buttons = node.matches && node.matches(RERUN) ? [node] : Array.from(node.querySelectorAll(RERUN));
+  for (const button of buttons) {
+    if (rerunModels.has(button.getAttribute("data-nbflow-rerun"))) {
+      button.hidden = false; // hidden twice: a sanitizer may drop the attribute or the style, not both
+      button.style.display = "";
+    }
+  }
+}
+
+function listenForRerun() {
+  if (globalThis.__nbflowRerunListening) return;
+  globalThis.__nbflowRerunListening = true;
+  new MutationObserver((records) => {
+    for (const record of records) {
+      for (const node of record.addedNodes) if (node.nodeType === 1) revealRerun(node);
+    }
+  }).observe(document.body, { childList: true, subtree: true });
+  document.addEventListener("click", (event) => {
+    const button = event.target && event.target.closest ? event.target.closest(RERUN) : null;
+    const model = button && rerunModels.get(button.getAttribute("data-nbflow-rerun"));
+    if (!model || button.disabled) return;
+    event.preventDefault();
+    button.disabled = true;
+    button.textContent = "Starting the rerun…";
+    model.send({ rerun: true }); // arrives when the kernel is free; the rerun's widget replaces this output
+  });
+}
+
 function render({ model, el }) {
   const root = document.createElement("div");
   root.className = "nbflow-widget";
@@ -98,7 +135,7 @@ function render({ model, el }) {
 
   function showButton() {
     const controls = model.get("controls") || {};
-    const slot = root.querySelector(".nbflow-actions");
+    const slot = root.querySelector(":scope > details.nbflow-run .nbflow-actions"); // not an earlier run's
     if (!controls.attached || controls.finished) {
       button.remove();
       return;
@@ -156,14 +193,14 @@ function render({ model, el }) {
   });
 
   function update() {
-    const scroll = root.querySelector(".nbflow-rows");
+    const scroll = root.querySelector(":scope > details.nbflow-run .nbflow-rows");
     const top = scroll ? scroll.scrollTop : 0;
     root.innerHTML = model.get("body");
     for (const details of root.querySelectorAll("details[data-key]")) {
       const key = details.getAttribute("data-key");
       if (opened.has(key)) details.open = opened.get(key);
     }
-    const rows = root.querySelector(".nbflow-rows");
+    const rows = root.querySelector(":scope > details.nbflow-run .nbflow-rows");
     if (rows) rows.scrollTop = top;
     const slot = root.querySelector(".nbflow-graph-slot");
     if (slot) slot.appendChild(graph);
@@ -177,6 +214,10 @@ function render({ model, el }) {
   }
 
   const controls = model.get("controls") || {};
+  if (controls.rerun_token) {
+    rerunModels.set(controls.rerun_token, model);
+    listenForRerun();
+  }
   const kernelId = controls.kernel_id || "";
   if (!contexts.has(kernelId)) contexts.set(kernelId, serverContext(kernelId));
   contexts.get(kernelId).then((context) => {

@@ -27,6 +27,17 @@ cannot be written (the pipeline is outside the server's root) and the run
 holds the kernel, it interrupts the kernel (REST API), which the Runner turns
 into a clean cancel. Without a Jupyter server (VS Code) only (1) works: the
 button says so before it is pressed.
+
+Rerun failed. A run that ends with failed steps offers the call that reruns
+them and what depends on them (`nbflow.run(pipeline, [steps], parameters=...)`,
+copyable) and, where it was shown in a live kernel, a button that makes it.
+The run's final static HTML carries the button (hidden); the run's model stays
+open for it and widget.js, which knows the model, shows the button and sends
+the click. The kernel then runs that call in the background, and its new
+widget takes the place of the old one in the same output (a click's output
+has no cell to go to; a display's id does), below the failed run's record, so
+the saved notebook shows both. A page reloaded since, or a viewer without
+the kernel, keeps the call to copy.
 """
 
 from __future__ import annotations
@@ -40,10 +51,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import contextvars
+
 import anywidget
 import traitlets
 
-from ..events import Event, RunFinished, RunResult, RunStarted, StepFailed, StepStarted, StepStatus
+from ..events import MASK, Event, RunFinished, RunResult, RunStarted, StepFailed, StepStarted, StepStatus
 from .view import RUN_STYLES, STATE_STYLES, RunView, StateStyle, StepView, format_duration
 
 if TYPE_CHECKING:
@@ -64,6 +77,9 @@ BAR_COLOURS = {StepStatus.SUCCEEDED: STATE_STYLES[StepStatus.SUCCEEDED].colour,
 GROUP_ORDER = {StepStatus.FAILED: 0, StepStatus.RUNNING: 1, StepStatus.CANCELLED: 2, StepStatus.NOT_RUN: 3,
                StepStatus.PENDING: 4, StepStatus.SUCCEEDED: 5, StepStatus.SKIPPED: 6}
 MANY_ROWS = 20  # more rows than this scroll inside the widget
+
+# Set while "Rerun failed" makes its call: the output to show the rerun's widget in, and what it shows above it
+_RERUN_INTO: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar("nbflow_rerun_into", default=None)
 
 MUTED = "var(--jp-ui-font-color2, #616161)"
 MONO = "var(--jp-code-font-family, monospace)"
@@ -93,6 +109,10 @@ class RunWidget:
         self.notebook_dir = _notebook_dir()  # links are relative to the notebook calling nbflow.run
         self.view = RunView(plan.steps, {p.name: graph.config.for_step(p.name).retries + 1 for p in plan.steps},
                             graph=graph, parameters=plan.parameters)
+        self.overrides = dict(plan.overrides)  # the parameters the run was given: a rerun gets them too
+        self.earlier = ""  # the record of the run(s) this one reruns, shown above it
+        self.rerun_token = secrets.token_hex(8)  # names this run's Rerun button to the front end
+        self.rerun_started = False
         self._cancel: Callable[[], None] | None = None
         self.holds_kernel = False  # the run holds the kernel's main thread: clicks wait until the cell ends
         self.background = False
@@ -140,6 +160,11 @@ class RunWidget:
         from IPython.display import display  # noqa: PLC0415
 
         self._set_controls(kernel_id=_kernel_id())
+        into = _RERUN_INTO.get()
+        if into is not None:  # a rerun: in the output of the run it reruns, below that run's record
+            self._handle, self.earlier = into
+            self._handle.update(self._mimebundle(), raw=True)
+            return
         self._handle = display(self._mimebundle(), raw=True, display_id=True)
 
     def cancel(self) -> None:
@@ -185,11 +210,64 @@ class RunWidget:
         if self._handle is not None:
             # the saved notebook keeps this: plain HTML, which every viewer shows, kernel or not
             self._handle.update(self._static_bundle(), raw=True)
-            self.model.close()  # the front end's view is gone with the display it was in
+            if not self.can_rerun:
+                self.model.close()  # the front end's view is gone with the display it was in
+            # else the model stays open for the Rerun button of the static HTML (widget.js sends its click)
 
     def _on_message(self, _model: Any, content: Any, _buffers: Any) -> None:
         if isinstance(content, dict) and content.get("cancel"):
             self.cancel()
+        elif isinstance(content, dict) and content.get("rerun"):
+            self.rerun()
+
+    # -- rerun failed -----------------------------------------------------------------
+    @property
+    def can_rerun(self) -> bool:
+        """The run ended with failures, in an output of a live kernel: its Rerun button can work."""
+        return self.result is not None and self._handle is not None and bool(self.view.to_rerun())
+
+    def rerun_call(self, masked: bool = True) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The `nbflow.run` call that reruns the failed steps and what depends on them, with this run's
+        parameters: (args, kwargs). `masked`: as shown, secrets as ***; else as made."""
+        args: tuple[Any, ...] = (self._pipeline_as_named() if masked else str(self.root), self.view.to_rerun())
+        parameters = self.overrides
+        if masked and parameters:
+            from ..params import is_secret_name  # noqa: PLC0415
+
+            secret = set(getattr(self.graph.config, "secrets", ()) or ())
+            names = {key: key.rpartition(".")[2] for key in parameters}  # "step.name" names `name` of a step
+            parameters = {key: MASK if names[key] in secret or is_secret_name(names[key]) else value
+                          for key, value in parameters.items()}
+        return args, ({"parameters": parameters} if parameters else {})
+
+    def rerun(self) -> None:
+        """What the Rerun button does: that call, in the background, its widget in this run's output."""
+        with self._lock:
+            if self.rerun_started or not self.can_rerun:
+                return
+            self.rerun_started = True
+        import nbflow  # noqa: PLC0415
+
+        args, kwargs = self.rerun_call(masked=False)
+        record = self.record_html()
+        into = _RERUN_INTO.set((self._handle, record))
+        try:
+            nbflow.run(*args, **kwargs, background=True)
+        except Exception as e:  # noqa: BLE001 - an invalid pipeline, a run in progress: said where the click was
+            notice = (f'<div class="nbflow-notice" role="alert" style="border-color:{ERROR_RED}">the rerun could '
+                      f"not start: {html.escape(str(e).strip())}</div>")
+            self._handle.update({"text/html": f'<div class="nbflow-run-static"><style>{CSS}</style>{record}'
+                                              f"{notice}</div>", "text/plain": self.static_text()}, raw=True)
+        finally:
+            _RERUN_INTO.reset(into)
+            self.model.close()
+
+    def record_html(self) -> str:
+        """This run, ended, as it stays above its rerun: folded to its summary line, the earlier runs above it."""
+        from . import plot  # noqa: PLC0415
+
+        body = self.body_html(graph=plot.image(self.graph, self._statuses()), opened=False)
+        return body.replace('data-key="', f'data-key="{html.escape(self.run_id)}/')
 
     # -- the timer -------------------------------------------------------------------
     def _start_timer(self) -> None:
@@ -226,6 +304,7 @@ class RunWidget:
         # what is there already stays: the kernel's id, and the keys of a watch's widget that shares the model
         controls = dict(self.model.controls) if hasattr(self, "model") else {}
         controls.update(holds_kernel=self.holds_kernel, background=self.background, cancel_path=cancel_path,
+                        rerun_token=self.rerun_token,
                         attached=self._cancel is not None, cancelling=self.cancel_requested,
                         finished=self.result is not None, **extra)
         return controls
@@ -261,20 +340,23 @@ class RunWidget:
         return {"text/html": self.static_html(), "text/plain": self.static_text()}
 
     # -- the HTML, one for the live widget and the static copy -------------------------
-    def body_html(self, now: float | None = None, graph: str | None = None) -> str:
-        """The whole run as HTML: a one-line summary that opens onto the rows and the graph.
+    def body_html(self, now: float | None = None, graph: str | None = None, opened: bool | None = None) -> str:
+        """The whole run as HTML: a one-line summary that opens onto the rows and the graph; the runs it
+        reruns above it.
 
         `graph`: the graph's HTML to put in place; None leaves a slot for the front end to fill.
+        `opened`: whether it starts open; by default unless every step was fresh.
         """
         now = now or time.time()
         view = self.view
-        open_ = "" if view.nothing_to_do else " open"
+        open_ = " open" if (not view.nothing_to_do if opened is None else opened) else ""
         longest = max([len(n) for n in self.rows] + [4])
         name_width = f"{min(longest, 28) + 1}ch"
         rows = self._rows_html(now)
         scroll = " nbflow-scroll" if len(self.rows) > MANY_ROWS else ""
         slot = graph if graph is not None else '<div class="nbflow-graph-slot"></div>'
-        return (f'<details class="nbflow-run" data-key="run"{open_} style="--nbflow-name:{name_width}">'
+        earlier = f'<div class="nbflow-earlier">{self.earlier}</div>' if self.earlier else ""
+        return (f'{earlier}<details class="nbflow-run" data-key="run"{open_} style="--nbflow-name:{name_width}">'
                 f"{self._header_html(now)}"
                 f"{self._notice_html()}"
                 f'<div class="nbflow-rows{scroll}">{rows}</div>'
@@ -320,8 +402,16 @@ class RunWidget:
         names = self.view.to_rerun() if self.result is not None else []
         if not names:
             return ""
-        code = f"nbflow.run({self._pipeline_as_named()!r}, {names!r})"
-        return (f'<div class="nbflow-rerun">rerun failed (the failed steps and what depends on them): '
+        args, kwargs = self.rerun_call()
+        code = "nbflow.run(" + ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]) + ")"
+        if self.rerun_started:
+            return (f'<div class="nbflow-rerun">rerun below (the failed steps and what depends on them): '
+                    f'<code class="nbflow-rerun-code">{html.escape(code)}</code></div>')
+        # shown by widget.js where the kernel that ran this still holds the run's model; else hidden
+        button = (f'<button type="button" class="nbflow-rerun-button jupyter-button" hidden style="display:none" '
+                  f'data-nbflow-rerun="{self.rerun_token}" title="run this call in the kernel, in the background">'
+                  f"↻ Rerun failed</button> " if self.can_rerun else "")
+        return (f'<div class="nbflow-rerun">{button}rerun failed (the failed steps and what depends on them): '
                 f'<code class="nbflow-rerun-code">{html.escape(code)}</code></div>')
 
     def _rows_html(self, now: float) -> str:

@@ -154,6 +154,17 @@ def _notebook(path: Path, *sources: str, parameters: str | None = None) -> None:
     path.write_text(json.dumps(nb, indent=1))
 
 
+def _prints_while_it_sleeps(path: Path) -> None:
+    """Each cell that sleeps says so first (stdout) and after (stderr): what the widget shows of a running step."""
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        source = "".join(cell["source"])
+        if "time.sleep(delay)" in source:
+            cell["source"] = (source.replace("time.sleep(delay)", "print('sleeping', delay, 's', flush=True)\n"
+                                             "time.sleep(delay)\nimport sys\nprint('slept', file=sys.stderr)"))
+    path.write_text(json.dumps(nb))
+
+
 def _grid(folder: Path) -> None:
     """A grid of 12 x 4 = 48 instances of train.ipynb (nbflow.yaml), alpha=5,seed=3 fails; summary reads them all."""
     _notebook(folder / "train.ipynb",
@@ -207,6 +218,7 @@ def lab(tmp_path_factory):
                           ("blocking", "widget_slow_steps"), ("nb7", "widget_slow_steps")]:
         shutil.copytree(FIXTURES / fixture, work / name)
     (work / "raises" / "total.ipynb").rename(work / "raises" / f"{LONG_NAME}.ipynb")
+    _prints_while_it_sleeps(work / "slow" / "numbers.ipynb")
     _grid(work / "grid")
     _chain(work / "chain")
     _notebook(work / "run_slow.ipynb", 'import nbflow\nresult = nbflow.run("slow")')
@@ -436,6 +448,9 @@ def test_a_run_ends_as_static_html_that_survives_reload_reopening_and_nbconvert(
     expect(numbers.locator(".nbflow-state")).to_have_text(re.compile("running"), timeout=30_000)
     expect(numbers.locator(".nbflow-cells")).to_have_text(re.compile(r"^[1-9]\d*/\d+$"))  # cell by cell
     expect(numbers.locator(".nbflow-note")).to_contain_text(re.compile(r"running In \[\d\]: "))  # the cell's line
+    printed = numbers.locator(".nbflow-printed")  # and the last lines it printed, under the row
+    expect(printed).to_contain_text("sleeping 0.5 s")
+    expect(printed.locator(".nbflow-stderr").first).to_have_text("slept", timeout=10_000)
     expect(prompt(panel)).to_have_text("[*]:")
     totals = view.locator(".nbflow-totals")
     ticking = totals.inner_text()
@@ -564,6 +579,8 @@ def test_failure_error_traceback_and_a_narrow_output(lab: Lab, open_notebook):
     expect(copy.locator(".jp-OutputArea-output .nbflow-run")).to_be_visible(timeout=30_000)
     expect(row(copy, LONG_NAME).locator(".nbflow-state")).to_contain_text("failed")
     expect(row(copy, LONG_NAME).locator(".nbflow-error")).to_contain_text("ValueError")
+    expect(copy.locator(".nbflow-rerun")).to_contain_text("nbflow.run(")  # the call to copy ...
+    expect(copy.locator(".nbflow-rerun button")).to_be_hidden()  # ... not a button for another output's kernel
     expect(copy.locator(".nbflow-graph img")).to_be_visible()  # the graph, not its text left behind
     expect(copy.locator(".jp-OutputArea-output", has_text="status: succeeded")).to_have_count(0)
     no_error_text(copy)
@@ -584,6 +601,21 @@ def test_failure_error_traceback_and_a_narrow_output(lab: Lab, open_notebook):
     page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Theme$")).hover()
     page.locator(".lm-Menu-itemLabel", has_text=re.compile("^JupyterLab Light$")).click()
     expect(page.locator("body[data-jp-theme-light='true']")).to_have_count(1, timeout=15_000)
+
+    # Rerun failed: a button that makes the call shown beside it, in the kernel, in the background; the rerun's
+    # widget takes this output, below the failed run's record
+    rerun = view.get_by_role("button", name="↻ Rerun failed")
+    expect(rerun).to_be_visible()
+    rerun.click()
+    output = panel.locator(".jp-OutputArea-output").first
+    expect(output.locator(".nbflow-earlier .nbflow-rerun")).to_contain_text("rerun below", timeout=30_000)
+    current = output.locator(".nbflow-run").last  # the rerun's
+    expect(current.locator(".nbflow-totals")).to_contain_text("1 failed", timeout=30_000)  # it fails again
+    expect(current).to_contain_text("the background run ended at")
+    expect(current.locator(f'.nbflow-name[title="{LONG_NAME}"]')).to_be_visible()
+    expect(current.locator(".nbflow-totals")).to_contain_text("1 not run")
+    expect(current.get_by_role("button", name="↻ Rerun failed")).to_be_visible()  # and can be rerun again
+    screenshot(output_area(panel), "widget-rerun.png")
 
 
 def test_cancel_button_stops_a_blocking_run(lab: Lab, open_notebook):
