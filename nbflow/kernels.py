@@ -27,12 +27,13 @@ Whether to fork is decided once per run (``nbflow.settings``) and passed in.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nbflow.errors import NbflowError, did_you_mean
 
@@ -53,6 +54,8 @@ __all__ = [
     "kernel_installed",
     "start_kernel",
 ]
+
+_log = logging.getLogger("nbflow")
 
 #: Folders (os.pathsep-separated) a kernel puts first on sys.path: the pipeline's `pythonpath`.
 PYTHONPATH_ENV = "NBFLOW_PYTHONPATH"
@@ -177,6 +180,8 @@ class KernelPool:
         self._warm_count = 0
         self._warm_kernel = "python3"
         self._folder: tuple[str, int] | None = None  # (path, holder fd) of its kernels' files
+        # kernels of finished attempts being stopped (and their steps' leftovers reaped), by step key
+        self._stopping: dict[str, asyncio.Task[None]] = {}
         self._closed = False
 
     def keep_warm(self, count: int = 1, kernel_name: str = "python3") -> None:
@@ -199,15 +204,23 @@ class KernelPool:
         """
         if self._closed or key in self._prestarted or len(self._prestarted) >= self._max_prestarted:
             return
-        start = self._ready_for(request) if self._serves(request) else self._start(request)
-        task = asyncio.get_running_loop().create_task(start, name=f"prestart kernel for {key}")
+        task = asyncio.get_running_loop().create_task(self._prestarting(key, request),
+                                                      name=f"prestart kernel for {key}")
         self._prestarted[key] = (request, task)
+
+    async def _prestarting(self, key: str, request: KernelRequest) -> StartedKernel:
+        await self._stopped(key)  # its last attempt's leftovers are reaped by the step's identity: first
+        return await (self._ready_for(request) if self._serves(request) else self._start(request))
 
     async def acquire(self, key: str, request: KernelRequest) -> StartedKernel:
         """The kernel prestarted for ``key`` if it was started for an equal request, else a warm fork that
-        takes the request's directory and environment, else a new one."""
+        takes the request's directory and environment, else a new one.
+
+        Waits until the kernel of the step's previous attempt is stopped (:meth:`stop_later`).
+        """
         if self._closed:
             raise RuntimeError("the kernel pool is closed")
+        await self._stopped(key)
         prestarted = self._prestarted.pop(key, None)
         if prestarted is not None:
             prestarted_request, task = prestarted
@@ -230,6 +243,29 @@ class KernelPool:
             if warm is not None:
                 return warm
         return await self._start(request)
+
+    def stop_later(self, key: str, stopping: Coroutine[Any, Any, None]) -> None:
+        """Run ``stopping`` (stop the kernel of step ``key``'s finished attempt, reap what it left) in the
+        background: the step's outcome does not wait for it, the next step's kernel is ready meanwhile.
+
+        A new attempt of the same step waits for it in :meth:`acquire` (the reaping finds processes by the
+        step's identity, which the new attempt's kernel has too), and :meth:`close` waits for all of them.
+        """
+        task = asyncio.get_running_loop().create_task(stopping, name=f"stop kernel of {key}")
+        self._stopping[key] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if self._stopping.get(key) is finished:
+                del self._stopping[key]
+            if not finished.cancelled() and finished.exception() is not None:
+                _log.warning("stopping the kernel of step %s failed: %r", key, finished.exception())
+
+        task.add_done_callback(done)
+
+    async def _stopped(self, key: str) -> None:
+        stopping = self._stopping.get(key)
+        if stopping is not None:
+            await asyncio.wait([stopping])  # its failure is logged, not the waiter's
 
     async def _ready_for(self, request: KernelRequest) -> StartedKernel:
         started = await self._take_warm(request)
@@ -323,6 +359,8 @@ class KernelPool:
         acquired from this pool and not stopped yet does not outlive the pool either.
         """
         self._closed = True
+        if self._stopping:
+            await asyncio.wait(list(self._stopping.values()))
         prestarted, self._prestarted = self._prestarted, {}
         warm, self._warm = self._warm, []
         await asyncio.gather(*(_discard_start(task) for _, task in prestarted.values()),

@@ -24,6 +24,7 @@ from nbflow.kernels import (
     KernelPool,
     KernelRequest,
     KernelStartError,
+    StartedKernel,
     installed_kernels,
     kernel_installed,
     start_kernel,
@@ -307,6 +308,53 @@ def test_pool_is_bounded_and_close_leaves_no_kernel(tmp_path: Path) -> None:
         assert not await acquired.km.is_alive()
         await acquired.stop()
 
+    asyncio.run(main())
+    assert wait_until(lambda: descendants() <= before)
+
+
+def test_a_new_attempt_of_a_step_waits_for_its_last_kernel_to_stop_and_close_waits_for_all(tmp_path: Path) -> None:
+    """A finished attempt's kernel is stopped in the background (the next step does not wait), but the
+    step's next attempt starts its kernel only after that: the reaping finds processes by the step's
+    identity, which the new attempt's kernel shares. And the pool does not close before every stop ended."""
+    async def main() -> None:
+        pool = KernelPool(max_prestarted=1)
+        order: list[str] = []
+        release = {"a": asyncio.Event(), "b": asyncio.Event()}
+        start = pool._start
+
+        async def recorded_start(req: KernelRequest) -> StartedKernel:
+            order.append(f"start in {Path(req.cwd).name}")
+            return await start(req)
+
+        pool._start = recorded_start  # type: ignore[method-assign]
+
+        async def stopping(key: str) -> None:
+            await release[key].wait()
+            order.append(f"{key} stopped")
+
+        (tmp_path / "a").mkdir()
+        (tmp_path / "c").mkdir()
+        try:
+            pool.stop_later("a", stopping("a"))
+            pool.stop_later("b", stopping("b"))
+            acquiring = asyncio.create_task(pool.acquire("a", request(tmp_path / "a")))
+            other = await pool.acquire("c", request(tmp_path / "c"))  # another step is not held up
+            assert order == ["start in c"] and not acquiring.done()
+            release["a"].set()
+            again = await acquiring
+            assert order == ["start in c", "a stopped", "start in a"]
+            for kernel in (other, again):
+                await kernel.stop()
+        finally:
+            closing = asyncio.create_task(pool.close())
+            await asyncio.sleep(0)
+            assert not closing.done()  # "b" is still stopping
+            for event in release.values():
+                event.set()
+            await closing
+        assert order[-1] == "b stopped"
+
+    before = descendants()
     asyncio.run(main())
     assert wait_until(lambda: descendants() <= before)
 

@@ -42,7 +42,11 @@ _MIN_SECRET_LENGTH = 4
 
 
 async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOutcome:
-    """Run one attempt of a step: its cells on a fresh kernel; always save the executed notebook."""
+    """Run one attempt of a step: its cells on a fresh kernel; always save the executed notebook.
+
+    The kernel is stopped (and what the step started outside it reaped) by the pool in the background once
+    the notebook is saved: the outcome, and the next step, do not wait for it (:meth:`KernelPool.stop_later`).
+    """
     attempt = _Attempt(task, emit)
     try:
         await attempt.run_cells(pool)
@@ -56,7 +60,7 @@ async def execute_step(task: StepTask, emit: Emit, pool: "KernelPool") -> StepOu
         notebook = attempt.save()
     finally:
         if attempt.kernel is not None:
-            await asyncio.shield(_stop_and_reap(attempt.kernel, task.env))
+            pool.stop_later(task.step, _stop_and_reap(attempt.kernel, task.env))
     return attempt.outcome(notebook)
 
 
