@@ -1,14 +1,18 @@
 """binder/ installs nbflow the way mybinder.org (repo2docker) uses it: requirements.txt, then postBuild.
 
 Builds a fresh virtual environment and installs into it from the network (or pip's cache): about a
-minute. It runs with the rest of the suite, so a broken Binder setup fails CI.
+minute; then runs notebooks/tutorial.ipynb from top to bottom in it, on its own kernel, as a Binder
+user does (about 15 s more; tests/test_tutorial.py checks what it shows, in the development
+environment). No image is built. It runs with the rest of the suite, so a broken Binder setup fails CI.
 """
 
 from __future__ import annotations
 
 import pytest
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +48,23 @@ def test_binder_files_install_nbflow_into_a_fresh_venv(tmp_path):
     where = run([python, "-c", "import nbflow, ipywidgets, jupyterlab, matplotlib; print(nbflow.__file__)"], env)
     assert Path(where.strip()) == ROOT / "nbflow" / "__init__.py"  # installed from this checkout
     assert "status" in run([str(venv / "bin" / "nbflow"), "--help"], env)  # the command line too
+
+    # the tutorial, top to bottom, in that environment and its own kernel (what the Binder link opens), beside
+    # the example's nbflow.yaml and _nbflow/ as in notebooks/
+    work = tmp_path / "notebooks"
+    work.mkdir()
+    for name in ("tutorial.ipynb", "nbflow.yaml"):
+        shutil.copy(ROOT / "notebooks" / name, work / name)
+    (work / "_nbflow").mkdir()
+    script = ("import json, sys, time\nimport nbformat\nfrom nbclient import NotebookClient\n"
+              "nb = nbformat.read(sys.argv[1], as_version=4)\n"
+              "nb.cells.append(nbformat.v4.new_code_cell('import sys; print(sys.executable)'))  # the kernel's\n"
+              "started = time.perf_counter()\n"
+              "NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': sys.argv[2]}})"
+              ".execute()\n"
+              "errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if o.output_type == 'error']\n"
+              "print(json.dumps({'seconds': round(time.perf_counter() - started, 1), 'errors': errors, "
+              "'kernel': nb.cells[-1].outputs[0].text.strip()}))\n")
+    ran = json.loads(run([python, "-c", script, str(work / "tutorial.ipynb"), str(work)], env).splitlines()[-1])
+    assert ran["errors"] == [] and Path(ran["kernel"]).parent == venv / "bin", ran
+    print(f"the tutorial ran top to bottom in the Binder environment in {ran['seconds']} s")
