@@ -290,7 +290,7 @@ class KernelPool:
             env = dict(os.environ)
             km = _manager(kernel_name, self._folder_path(), self._server(), warm=True)
             try:
-                await km.start_kernel(cwd=self._folder_path(), env=env)
+                await km.start_kernel(cwd=self._folder_path(), env=env, extra_arguments=_extra_arguments(km))
                 # connected now, while it waits: its sockets are bound, and iopub is subscribed long before the
                 # step's first request, so that readiness is one round trip
                 kc = _client(km)
@@ -496,11 +496,18 @@ async def _launch(
         # folders by the fork server instead (a changed PYTHONPATH would make it refuse to fork)
         env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, (env[PYTHONPATH_ENV], env.get("PYTHONPATH"))))}
     try:
-        await km.start_kernel(cwd=cwd, env=env)
+        await km.start_kernel(cwd=cwd, env=env, extra_arguments=_extra_arguments(km))
     except BaseException:
         await _kill_and_release(km)
         raise
     return await _connected(km, kernel_name, "ordinary" if server is None else "forkserver", fallback_reason)
+
+
+def _extra_arguments(km: AsyncKernelManager) -> list[str]:
+    """What the kernel's command line gets besides its spec's argv: IPython's history in memory, as nbclient
+    (so papermill) starts an IPython kernel. A step's cells are not a session to recall; the default file,
+    one per user, would take a SQLite write per cell, shared by every kernel running at once."""
+    return ["--HistoryManager.hist_file=:memory:"] if km.ipykernel else []
 
 
 def _manager(kernel_name: str, folder: str, server: ForkServer | None, *, warm: bool = False) -> AsyncKernelManager:
