@@ -6,7 +6,9 @@ relaying the events a worker emits back to the Runner (a dask Queue), and
 cancelling: a cluster-wide dask Event that every running step watches, so its
 kernel is stopped and its notebook saved on the worker.
 
-Workers need not see the pipeline folder: the task carries the notebook's
+On a worker, the steps of a run share one kernel pool (one fork server and a
+warm fork per worker thread, as the local executor's), released when the run
+ends. Workers need not see the pipeline folder: the task carries the notebook's
 JSON, the worker runs it in a scratch copy of the pipeline's layout (in the
 notebook's own folder when the worker sees the pipeline), and the executed
 notebooks (a partial one too) come back to the driver, which writes them
@@ -189,7 +191,8 @@ class DaskExecutor:
         if not self._scheduler_lost():  # else the relay's get has failed already, and a put would wait to connect
             try:
                 self._events.put(None)
-            except Exception:  # noqa: BLE001, S110 - lost just now: the relay's get fails too
+                self.client.run(_close_run_kernels, self.topic)  # each worker's pool of this run: fork server, warm fork
+            except Exception:  # noqa: BLE001, S110 - lost just now: the workers close, and their pools with them
                 pass
             self._relay.join(timeout=5)
         self._shutdown()
@@ -241,7 +244,10 @@ def run_on_worker(task: StepTask, notebook: str, topic: str) -> tuple[StepOutcom
     scratch = Path(tempfile.mkdtemp(prefix="nbflow-task-"))
     try:
         moved = _in_scratch(task, notebook, scratch, sees_pipeline)
-        outcome = _run(distributed, moved, events, topic, worker)
+        kernels = _RunKernels.of(topic, task, getattr(worker, "nthreads", 1))
+        outcome = _run(distributed, moved, events, topic, worker, kernels)
+        if not _worker_runs(worker):  # the worker closes (its scheduler is gone): no driver will release the pool
+            _RunKernels.release(topic)
         files = {}
         for path in (moved.executed, moved.latest, moved.attempt_copy):
             if os.path.isfile(path):
@@ -294,20 +300,80 @@ def _in_scratch(task: StepTask, notebook: str, scratch: Path, sees_pipeline: boo
                    cwd=task.cwd if sees_pipeline else str(source.parent))
 
 
-def _run(distributed, task: StepTask, events, topic: str, worker) -> StepOutcome:
-    """The step on this worker's own kernel pool; stopped when the driver cancels or this worker closes.
+class _RunKernels:
+    """The kernel pool of one run on this worker, on an event loop of its own (as the local executor's).
 
-    A worker closes when it loses its scheduler: the result could reach nobody, so the kernel is stopped
-    then, and the task ends (dask waits for it before the worker process exits).
+    Its fork server boots once per run and worker, not once per step, and it keeps a warm fork per worker
+    thread, so a step's kernel is ready when its task arrives. The driver releases it when the run ends
+    (`DaskExecutor.close`); a worker that closes first releases it itself, and one that dies takes it along
+    (the fork server kills its kernels when the worker's end of its pipe closes).
     """
-    from ..kernels import KernelPool  # noqa: PLC0415
+
+    _runs: dict[str, "_RunKernels"] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, task: StepTask, warm: int):
+        from ..kernels import KernelPool  # noqa: PLC0415
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name="nbflow-worker-kernels", daemon=True)
+        self.thread.start()
+
+        async def make() -> KernelPool:
+            pool = KernelPool(max_prestarted=warm, use_forkserver=task.use_forkserver,
+                              forkserver_off=task.forkserver_off)
+            pool.keep_warm(warm)
+            return pool
+
+        self.pool = self.call(make()).result()
+
+    @classmethod
+    def of(cls, topic: str, task: StepTask, warm: int) -> "_RunKernels":
+        with cls._lock:
+            if topic not in cls._runs:
+                cls._runs[topic] = cls(task, max(1, warm))
+            return cls._runs[topic]
+
+    @classmethod
+    def release(cls, topic: str) -> None:
+        with cls._lock:
+            kernels = cls._runs.pop(topic, None)
+        if kernels is not None:
+            kernels.close()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coro) -> "concurrent.futures.Future":
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        try:
+            self.call(self.pool.close()).result(timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
+
+
+async def _close_run_kernels(topic: str) -> None:
+    """Run by the driver on every worker (`Client.run`) when the run ends."""
+    await asyncio.to_thread(_RunKernels.release, topic)
+
+
+def _run(distributed, task: StepTask, events, topic: str, worker, kernels: _RunKernels) -> StepOutcome:
+    """The step on the run's kernel pool; stopped when the driver cancels or this worker closes.
+
+    A worker closes when it loses its scheduler: the result could reach nobody, so the step is stopped
+    then (its kernel too), and the task ends (dask waits for it before the worker process exits).
+    """
     from .step import execute_step  # noqa: PLC0415
 
     cancel = distributed.Event(f"{topic}-cancel")
 
     async def main() -> StepOutcome:
-        pool = KernelPool(max_prestarted=0, use_forkserver=task.use_forkserver, forkserver_off=task.forkserver_off)
-        step = asyncio.ensure_future(execute_step(task, events, pool))
+        step = asyncio.ensure_future(execute_step(task, events, kernels.pool))
 
         async def cancelled_by_the_driver() -> None:
             while not step.done():
@@ -331,6 +397,5 @@ def _run(distributed, task: StepTask, events, topic: str, worker) -> StepOutcome
         finally:
             for watcher in watchers:
                 watcher.cancel()
-            await pool.close()
 
-    return asyncio.run(main())
+    return kernels.call(main()).result()
