@@ -226,7 +226,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         only: bool = False, jobs: int | None = None,
         executor: str | None = None, dask_address: str | None = None, fail_fast: bool = False,
         background: bool = False, listeners: Iterable[Listener] = (), display: bool | None = None,
-        run_id: str | None = None, call: str | None = None,
+        run_id: str | None = None, call: "str | Callable[[tuple[str, ...]], str] | None" = None,
         grid: Mapping[str, Mapping[str, Any]] | None = None,
         cycle: "WatchCycle | None" = None) -> "RunResult | RunHandle":
     """Run the pipeline (or `steps` and what they need); returns the RunResult.
@@ -269,7 +269,9 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
             from .executors import make_executor  # noqa: PLC0415
 
             exe = cycle.executor(settings) if cycle is not None else make_executor(settings)
-        record = audit.collect(graph.root, call or _api_call(pipeline, steps, parameters, choice, grid),
+        said = (call(graph.config.secrets) if callable(call)
+                else call or _api_call(pipeline, steps, parameters, choice, grid, graph.config.secrets))
+        record = audit.collect(graph.root, said,
                                packages=None if plan.to_run or graph.config.fingerprint_packages else {})
         runner = Runner(plan, ledger, exe or _NoExecutor(), listeners=all_listeners,
                         recorder=LedgerRecorder(ledger, graph.config.secrets), settings=settings, run_id=run_id,
@@ -304,13 +306,13 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
 
 
 def _api_call(pipeline: Any, steps: list[str], parameters: Mapping[str, Any] | None, choice: dict[str, bool],
-              grid: Mapping[str, Any] | None = None) -> str:
+              grid: Mapping[str, Any] | None = None, secrets: tuple[str, ...] = ()) -> str:
     """The API call that started a run, as the ledger records it (secrets redacted)."""
     from .state import redact  # noqa: PLC0415
 
     args = [repr(str(pipeline))] + ([repr(steps)] if steps else [])
     if parameters:
-        args.append(f"parameters={redact(dict(parameters))!r}")
+        args.append(f"parameters={redact(dict(parameters), secrets)!r}")
     args += [f"{k}=True" for k, v in choice.items() if v]
     if grid:
         args.append(f"grid={dict(grid)!r}")
@@ -351,7 +353,8 @@ def _take_pipeline(graph: Graph, run_id: str) -> tuple["RunLock", "Ledger"]:
         if os.environ.get(audit.TRIGGER_ENV) == "schedule":  # a tick while the last run goes on: say so, later
             ledger = Ledger(graph.state_dir)
             try:
-                ledger.record_skipped(run_id, {**audit.collect(graph.root, audit.command_line(), packages={}),
+                ledger.record_skipped(run_id, {**audit.collect(graph.root, audit.command_line(graph.config.secrets),
+                                                               packages={}),
                                                "skipped": str(busy)})
             finally:
                 ledger.close()
@@ -407,7 +410,7 @@ def watch(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
           parameters: Mapping[str, Any] | None = None, only: bool = False, jobs: int | None = None,
           executor: str | None = None, dask_address: str | None = None, fail_fast: bool = False,
           listeners: Iterable[Listener] = (), display: bool | None = None,
-          call: str | None = None) -> "WatchHandle":
+          call: "str | Callable[[tuple[str, ...]], str] | None" = None) -> "WatchHandle":
     """Rerun what goes stale whenever a notebook, a declared input or an imported project module changes on disk.
 
     First runs what is stale now, then a cycle after each change: a save storm is one cycle, never two

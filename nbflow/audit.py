@@ -14,12 +14,13 @@ import getpass
 import hashlib
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 # the packages whose versions are shown; every installed package counts in the hash
 KEY_PACKAGES = ("nbflow", "pandas", "numpy", "pyarrow", "scikit-learn", "scipy", "matplotlib", "polars",
@@ -92,7 +93,25 @@ def _user() -> str:
         return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
 
 
-def command_line() -> str:
-    """How this process was started, as the user typed it (`nbflow run notebooks -p x=1`)."""
-    args = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
-    return " ".join(args)
+def command_line(secrets: Iterable[str] = ()) -> str:
+    """How this process was started, as the user typed it (`nbflow run notebooks -p x=1`), with the value of
+    every secret parameter (named like one, or in `secrets`) given with `-p`/`--parameter` replaced by ***."""
+    from .params import is_secret_parameter  # noqa: PLC0415
+    from .state import REDACTED  # noqa: PLC0415
+
+    def redacted(assignment: str) -> str:
+        name, equals, _ = assignment.partition("=")
+        return f"{name}={REDACTED}" if equals and is_secret_parameter(name.strip(), secrets) else assignment
+
+    args = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"]
+    given = iter(sys.argv[1:])
+    for arg in given:
+        if arg in ("-p", "--parameter"):
+            args += [arg, *(redacted(value) for value in [next(given, None)] if value is not None)]
+        elif arg.startswith("--parameter="):
+            args.append("--parameter=" + redacted(arg.removeprefix("--parameter=")))
+        elif arg.startswith("-p") and not arg.startswith("--"):
+            args.append("-p" + redacted(arg[2:]))
+        else:
+            args.append(arg)
+    return shlex.join(args)

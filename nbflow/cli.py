@@ -83,7 +83,7 @@ def run(pipeline: Path, steps: tuple[str, ...], parameters: tuple[str, ...], for
         return
     listeners = [] if as_json else [_progress_listener()]
     handle = api.run(pipeline, steps, parameters=overrides, force=force, force_upstream=force_upstream, only=only,
-                     jobs=jobs, executor=executor, call=command_line(),
+                     jobs=jobs, executor=executor, call=command_line,  # told the declared secrets, it redacts them
                      dask_address=dask_address, fail_fast=fail_fast, background=True, listeners=listeners,
                      display=False)
     assert isinstance(handle, api.RunHandle)
@@ -114,7 +114,7 @@ def _watch(pipeline: Path, steps: tuple[str, ...], overrides: dict[str, Any], **
     from .audit import command_line  # noqa: PLC0415
 
     handle = api.watch(pipeline, steps, parameters=overrides, listeners=[_progress_listener(watch=True)],
-                       display=False, call=command_line(), **options)
+                       display=False, call=command_line, **options)
     _wait_in_foreground(handle, handle.stop)
     try:
         handle.wait()

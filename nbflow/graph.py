@@ -25,7 +25,8 @@ from .grid import (MAX_NAME_BYTES, Grid, LeftBehind, expand, format_value, injec
 from .grid import left_behind as _left_behind
 from .layout import STATE_DIR, StateLayout
 from .notebook import NOTEBOOK_SUFFIXES, NotAStep, Step, is_folder_path, is_percent_script, read_step
-from .params import EnvRef, ValueRef, coerce, is_secret_name, plain_value, secret_env_var, secret_from_environment
+from .params import (EnvRef, ValueRef, coerce, is_secret_parameter, plain_value, secret_env_var,
+                     secret_from_environment)
 
 _SKIP_DIRS = {STATE_DIR, ".ipynb_checkpoints", "__pycache__", "node_modules"}
 
@@ -386,7 +387,7 @@ def _check_grid(config: Config, step: Step, values: Any, source: _GridSource,
             found.append(source.problem(f"{key!r} is a value step {step.name!r} consumes: a run always gives it "
                                         "the published value", step, key))
             continue
-        if key in config.secrets or is_secret_name(key):
+        if is_secret_parameter(key, config.secrets):
             found.append(source.problem(f"{key!r} is a secret: grid values are written in file and folder "
                                         "names", step, key))
             continue
@@ -803,7 +804,7 @@ def _value_ref(graph: Graph, step: Step, value: str) -> ValueRef:
 
 def is_secret(graph: Graph, name: str) -> bool:
     """A parameter is a secret when nbflow.yaml declares it in `secrets:` or its name says so."""
-    return name in graph.config.secrets or is_secret_name(name)
+    return is_secret_parameter(name, graph.config.secrets)
 
 
 def _same_kind(value: Any, param: Any) -> bool:

@@ -14,7 +14,7 @@ import datetime
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from .notebook import Parameter
 
@@ -79,6 +79,14 @@ def is_secret_name(name: str) -> bool:
     if not words:
         return False
     return words[-1] in SECRET_WORDS or tuple(words[-2:]) in SECRET_PAIRS
+
+
+def is_secret_parameter(name: str, declared: "Iterable[str]" = ()) -> bool:
+    """Whether an override's name (`NAME` or `STEP.NAME`, as `-p` and `parameters=` take them) is a secret:
+    declared in `secrets:`, or named like one. The one rule every record of parameters (ledger, audit
+    call, widget) goes by."""
+    bare = name.rpartition(".")[2]
+    return name in declared or bare in declared or is_secret_name(bare)
 
 
 def secret_env_var(name: str) -> str:

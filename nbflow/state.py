@@ -30,7 +30,7 @@ from .graph import FileRef, Graph, relative_to
 from .grid import folded
 from .imports import project_modules
 from .layout import StateLayout
-from .params import EnvRef, ValueRef, is_secret_name
+from .params import EnvRef, ValueRef, is_secret_parameter
 from .version import __version__
 
 SCHEMA_VERSION = 3  # 2: runs.audit, step_runs.worker; 3: step_runs.error_execution
@@ -62,7 +62,7 @@ _MAX_PRELOADED_HASHES = 50_000
 
 
 def redact(parameters: dict[str, Any], secrets: tuple[str, ...] | set[str] = ()) -> dict[str, Any]:
-    return {k: (REDACTED if k in secrets or is_secret_name(k) else v) for k, v in parameters.items()}
+    return {k: (REDACTED if is_secret_parameter(k, secrets) else v) for k, v in parameters.items()}
 
 
 class Ledger:
@@ -656,7 +656,7 @@ def assess(graph: Graph, name: str, parameters: dict[str, Any], ledger: Ledger,
         old_params, new_params = old.get("parameters", {}), parts["parameters"]
         for p in sorted(set(old_params) | set(new_params)):
             if old_params.get(p) != new_params.get(p):
-                if (p in secrets or is_secret_name(p) or str(old_params.get(p)).startswith(_SECRET_PREFIX)
+                if (is_secret_parameter(p, secrets) or str(old_params.get(p)).startswith(_SECRET_PREFIX)
                         or str(new_params.get(p)).startswith(_SECRET_PREFIX)):
                     reasons.append(f"parameter {p} changed")
                 elif p not in old_params:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import pathlib
+import shlex
 import stat
 import subprocess
 import sys
@@ -66,6 +67,35 @@ def test_a_changed_secret_reruns_the_step_and_is_never_written(tmp_path, noteboo
         if path.is_file():
             data = path.read_bytes()
             assert b"first-secret-value" not in data and b"second-secret" not in data, path
+
+
+def test_secrets_given_on_the_command_line_or_per_step_are_never_written(tmp_path, notebook_factory):
+    """`-p total.delay=...` (a declared secret, named per step), `-p api_token ...` and `--parameter=...`: the
+    ledger keeps the run's parameters and its command line (audit), both with *** for every secret value."""
+    notebook_factory(tmp_path / "total.ipynb", 'outputs = {"o": "o.txt"}\ndelay = "1"\napi_token = "dev"\nx = 0',
+                     'open(outputs["o"], "w").write(f"{len(delay)} {len(api_token)} {x}")')
+    (tmp_path / "nbflow.yaml").write_text("secrets: [delay]\n")
+    done = subprocess.run([sys.executable, "-m", "nbflow.cli", "run", str(tmp_path), "-p", "total.delay=HUNTER2-42",
+                           "-p", "api_token", "--parameter=x=7"], capture_output=True, text=True)
+    assert done.returncode == 2 and "HUNTER2" not in done.stderr  # "-p api_token" alone: refused, nothing echoed
+    done = subprocess.run([sys.executable, "-m", "nbflow.cli", "run", str(tmp_path), "-p", "total.delay=HUNTER2-42",
+                           "-ptotal.api_token=ZZ-TOP-99", "--parameter=x=7"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o.txt").read_text() == "10 9 7"
+    assert nbflow.run(tmp_path, parameters={"total.delay": "HUNTER2-43", "api_token": "ZZ-TOP-98", "x": 8}).ok
+    ledger = Ledger(tmp_path / "_nbflow", create=False)
+    try:
+        runs = ledger.runs()
+    finally:
+        ledger.close()
+    calls = [r["audit"]["call"] for r in runs if r.get("audit")]
+    assert any(shlex.split(c)[-4:] == ["-p", "total.delay=***", "-ptotal.api_token=***", "--parameter=x=7"]
+               for c in calls), calls
+    assert any("'total.delay': '***'" in c and "'x': 8" in c for c in calls), calls
+    for path in (tmp_path / "_nbflow").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"HUNTER2" not in data and b"ZZ-TOP" not in data, path
 
 
 def test_code_in_the_parameters_cell_is_fingerprinted(tmp_path, notebook_factory):

@@ -113,6 +113,8 @@ def test_lock_refuses_a_second_run_and_names_the_first(tmp_path):
 def test_redact():
     assert redact({"token": 1, "api_key": 2, "x": 3}, {"x"}) == {"token": "***", "api_key": "***", "x": "***"}
     assert json.dumps(redact({"min_year": 2012})) == '{"min_year": 2012}'
+    assert redact({"total.delay": 1, "db.password": 2, "total.x": 3}, ("delay",)) == {
+        "total.delay": "***", "db.password": "***", "total.x": 3}  # STEP.NAME, as -p and parameters= take them
 
 
 # -- a damaged ledger -------------------------------------------------------------------------------------------

@@ -189,9 +189,9 @@ class OpenLineageListener:
         return self.graph.steps[step].language if step in self.graph.steps else "python"
 
     def _redacted(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
-        from ..params import is_secret_name  # noqa: PLC0415
+        from ..params import is_secret_parameter  # noqa: PLC0415
 
-        return {name: _REDACTED if name in self.secrets or is_secret_name(name) else value
+        return {name: _REDACTED if is_secret_parameter(name, self.secrets) else value
                 for name, value in parameters.items()}
 
     # -- sending ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from ..errors import NbflowError, PipelineError, Problem
 from ..events import MASK, StepError, cell_label
 from ..graph import STATE_DIR, Graph, build_graph
 from ..layout import StateLayout
-from ..params import is_secret_name
+from ..params import is_secret_parameter
 from . import gantt, notebook_content, plot
 from .notebook_content import OUTPUT_MODES, NotebookContent, Output, ShownCell
 from .view import format_duration
@@ -417,7 +417,7 @@ def _parameters(content: NotebookContent, given: dict[str, Any], secrets: set[st
         return ""
     rows = []
     for name, default in names.items():
-        secret = name in secrets or is_secret_name(name) or given.get(name) == MASK
+        secret = is_secret_parameter(name, secrets) or given.get(name) == MASK
         if name in given:
             value = MASK if secret else _value(given[name])
             note = "" if secret or not default else f' <span class="muted">(default {html.escape(default)})</span>'

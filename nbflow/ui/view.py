@@ -222,7 +222,7 @@ class RunView:
         if graph is None or step is None:
             return
         from ..graph import relative_to  # noqa: PLC0415 - only the widget gives a graph
-        from ..params import is_secret_name  # noqa: PLC0415
+        from ..params import is_secret_parameter  # noqa: PLC0415
 
         root = Path(graph.root)
         row.outputs = tuple(relative_to(ref.path, root) for ref in graph.outputs_of(row.name)  # a URL stays one
@@ -230,7 +230,7 @@ class RunView:
         values = {name: p.default for name, p in step.parameters.items() if name not in ("inputs", "outputs")}
         values.update({k: v for k, v in self._injected.get(row.name, {}).items() if k not in ("inputs", "outputs")})
         secrets = set(getattr(graph.config, "secrets", ()) or ())
-        row.parameters = {k: MASK if k in secrets or is_secret_name(k) else v for k, v in values.items()}
+        row.parameters = {k: MASK if is_secret_parameter(k, secrets) else v for k, v in values.items()}
 
     def __call__(self, event: Event) -> StepView | None:
         return self.apply(event)

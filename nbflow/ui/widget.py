@@ -232,11 +232,10 @@ class RunWidget:
         args: tuple[Any, ...] = (self._pipeline_as_named() if masked else str(self.root), self.view.to_rerun())
         parameters = self.overrides
         if masked and parameters:
-            from ..params import is_secret_name  # noqa: PLC0415
+            from ..params import is_secret_parameter  # noqa: PLC0415
 
-            secret = set(getattr(self.graph.config, "secrets", ()) or ())
-            names = {key: key.rpartition(".")[2] for key in parameters}  # "step.name" names `name` of a step
-            parameters = {key: MASK if names[key] in secret or is_secret_name(names[key]) else value
+            secret = tuple(getattr(self.graph.config, "secrets", ()) or ())
+            parameters = {key: MASK if is_secret_parameter(key, secret) else value
                           for key, value in parameters.items()}
         return args, ({"parameters": parameters} if parameters else {})
 
