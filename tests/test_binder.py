@@ -2,8 +2,7 @@
 
 Builds a fresh virtual environment and installs into it from the network (or pip's cache): about a
 minute; then runs notebooks/tutorial.ipynb from top to bottom in it, on its own kernel, as a Binder
-user does (about 15 s more; tests/test_tutorial.py checks what it shows, in the development
-environment). No image is built. It runs with the rest of the suite, so a broken Binder setup fails CI.
+user does (about 10 s more), and checks what it shows (tests/tutorial_checks.py). No image is built. It runs with the rest of the suite, so a broken Binder setup fails CI.
 """
 
 from __future__ import annotations
@@ -16,6 +15,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import nbformat
+from tutorial_checks import check_the_executed_tutorial
 
 ROOT = Path(__file__).parents[1]
 BINDER = ROOT / "binder"
@@ -63,8 +65,14 @@ def test_binder_files_install_nbflow_into_a_fresh_venv(tmp_path):
               "NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': sys.argv[2]}})"
               ".execute()\n"
               "errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if o.output_type == 'error']\n"
+              "nbformat.write(nb, sys.argv[3])\n"
               "print(json.dumps({'seconds': round(time.perf_counter() - started, 1), 'errors': errors, "
               "'kernel': nb.cells[-1].outputs[0].text.strip()}))\n")
-    ran = json.loads(run([python, "-c", script, str(work / "tutorial.ipynb"), str(work)], env).splitlines()[-1])
+    executed = tmp_path / "tutorial.executed.ipynb"
+    ran = json.loads(run([python, "-c", script, str(work / "tutorial.ipynb"), str(work), str(executed)],
+                         env).splitlines()[-1])
     assert ran["errors"] == [] and Path(ran["kernel"]).parent == venv / "bin", ran
     print(f"the tutorial ran top to bottom in the Binder environment in {ran['seconds']} s")
+    nb = nbformat.read(executed, as_version=4)
+    nb.cells.pop()  # the cell added above
+    check_the_executed_tutorial(nb, work)
