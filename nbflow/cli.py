@@ -224,9 +224,10 @@ def show(pipeline: Path, run_id: str, as_json: bool) -> None:
     click.echo(f"run {run['run_id']}: {run['status']}" + (f"  (-p {overrides})" if overrides else ""))
     for line in _audit_lines(run.get("audit")):
         click.echo(f"  {line}")
+    width = max((len(r["step"]) for r in run["steps"]), default=0)  # a grid instance's name is long
     for r in run["steps"]:
         attempt = f" attempt {r['attempt']}" if r["attempt"] > 1 else ""
-        click.echo(f"  {r['step']:<20} {r['status']:<10}{attempt} {_duration(r['duration_s']):>9}  "
+        click.echo(f"  {r['step']:<{width}}  {r['status']:<10}{attempt} {_duration(r['duration_s']):>9}  "
                    f"{r['notebook'] or ''}")
         if r["parameters"]:
             click.echo("      parameters: " + ", ".join(f"{k}={v!r}" for k, v in r["parameters"].items()))

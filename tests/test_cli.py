@@ -106,6 +106,9 @@ def test_history_show_lineage(fixture_pipeline):
     assert runs[0]["run_id"] == run_id and runs[0]["status"] == "succeeded" and runs[0]["steps"] == {"succeeded": 5}
     shown = cli("show", str(root), run_id[:18])
     assert shown.returncode == 0 and "data/d.txt" in shown.stdout
+    rows = [line for line in shown.stdout.splitlines() if line.split()[1:2] == ["succeeded"]]
+    longest = max(len(line.split()[0]) for line in rows)
+    assert len(rows) == 5 and {line.index(" succeeded") for line in rows} == {2 + longest + 1}  # as wide as needed
     lineage = json.loads(cli("lineage", str(root), str(root / "data" / "d.txt"), "--json").stdout)
     assert lineage["step"] == "d" and lineage["run_id"] == run_id and lineage["current_matches"]
     assert {i["path"] for i in lineage["inputs"]} == {"data/b.txt", "data/c.txt"}
