@@ -76,6 +76,10 @@ class DaskExecutor:
         except BaseException:
             self._shutdown()
             raise
+        try:  # the workers' fork servers boot now, while the driver gets ready, as the local executor's does
+            self.client.run(_start_run_kernels, self.topic, settings.forkserver, settings.forkserver_off)
+        except Exception:  # noqa: BLE001, S110 - a worker that could not: its first task of the run starts its pool
+            pass
         self._emit: Emit | None = None
         self._started: dict[str, tuple[int, float, str]] = {}  # step -> (times started, when, notebook)
         self._lock = threading.Lock()
@@ -244,7 +248,7 @@ def run_on_worker(task: StepTask, notebook: str, topic: str) -> tuple[StepOutcom
     scratch = Path(tempfile.mkdtemp(prefix="nbflow-task-"))
     try:
         moved = _in_scratch(task, notebook, scratch, sees_pipeline)
-        kernels = _RunKernels.of(topic, task, getattr(worker, "nthreads", 1))
+        kernels = _RunKernels.of(topic, task.use_forkserver, task.forkserver_off, worker)
         outcome = _run(distributed, moved, events, topic, worker, kernels)
         if not _worker_runs(worker):  # the worker closes (its scheduler is gone): no driver will release the pool
             _RunKernels.release(topic)
@@ -312,7 +316,7 @@ class _RunKernels:
     _runs: dict[str, "_RunKernels"] = {}
     _lock = threading.Lock()
 
-    def __init__(self, task: StepTask, warm: int):
+    def __init__(self, use_forkserver: bool, forkserver_off: str | None, warm: int):
         from ..kernels import KernelPool  # noqa: PLC0415
 
         self.loop = asyncio.new_event_loop()
@@ -320,18 +324,17 @@ class _RunKernels:
         self.thread.start()
 
         async def make() -> KernelPool:
-            pool = KernelPool(max_prestarted=warm, use_forkserver=task.use_forkserver,
-                              forkserver_off=task.forkserver_off)
+            pool = KernelPool(max_prestarted=warm, use_forkserver=use_forkserver, forkserver_off=forkserver_off)
             pool.keep_warm(warm)
             return pool
 
         self.pool = self.call(make()).result()
 
     @classmethod
-    def of(cls, topic: str, task: StepTask, warm: int) -> "_RunKernels":
+    def of(cls, topic: str, use_forkserver: bool, forkserver_off: str | None, worker) -> "_RunKernels":
         with cls._lock:
             if topic not in cls._runs:
-                cls._runs[topic] = cls(task, max(1, warm))
+                cls._runs[topic] = cls(use_forkserver, forkserver_off, max(1, getattr(worker, "nthreads", 1)))
             return cls._runs[topic]
 
     @classmethod
@@ -355,6 +358,12 @@ class _RunKernels:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
             self.loop.close()
+
+
+async def _start_run_kernels(topic: str, use_forkserver: bool, forkserver_off: str | None,
+                             dask_worker=None) -> None:
+    """Run by the driver on every worker (`Client.run`) when the run starts."""
+    await asyncio.to_thread(_RunKernels.of, topic, use_forkserver, forkserver_off, dask_worker)
 
 
 async def _close_run_kernels(topic: str) -> None:
