@@ -176,6 +176,13 @@ def test_kernel_that_dies_while_starting_raises_and_leaves_nothing(tmp_path: Pat
 # -- running and stopping -------------------------------------------------------
 
 
+async def shell_reply(started: StartedKernel, msg_id: str) -> dict:
+    while True:
+        reply = await started.kc.get_shell_msg(timeout=10)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply
+
+
 @pytest.mark.parametrize("use_forkserver", MODES)
 def test_interrupt_stops_a_sleeping_cell(tmp_path: Path, use_forkserver: bool) -> None:
     async def main() -> None:
@@ -187,16 +194,15 @@ def test_interrupt_stops_a_sleeping_cell(tmp_path: Path, use_forkserver: bool) -
                 if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
                     break
             await asyncio.sleep(0.2)
-            interrupted_at = time.monotonic()
             await started.interrupt()
-            while True:
-                reply = await started.kc.get_shell_msg(timeout=10)
-                if reply["parent_header"].get("msg_id") == msg_id:
-                    break
-            assert time.monotonic() - interrupted_at < 5
+            reply = await shell_reply(started, msg_id)  # the cell sleeps 100 s: only the interrupt ends it now
             assert reply["content"]["status"] == "error"
             assert reply["content"]["ename"] == "KeyboardInterrupt"
-            assert await execute(started, "print('still alive')") == "still alive\n"
+            # and the kernel goes on: asked on the shell channel, whose reply always comes (under heavy load the
+            # stream of a print() in the next cell was seen missing before its idle status, a flake of this test)
+            reply = await shell_reply(started, started.kc.execute("", user_expressions={"alive": "'still alive'"}))
+            assert reply["content"]["status"] == "ok"
+            assert reply["content"]["user_expressions"]["alive"]["data"]["text/plain"] == "'still alive'"
         finally:
             await started.stop()
 
