@@ -261,3 +261,17 @@ def test_an_unreachable_store_on_the_cluster_path_fails_before_any_step(tmp_path
     assert "127.0.0.1:9" in message
     assert not events  # no run started, so no step
     assert not (root / "_nbflow" / "runs").exists() or not any((root / "_nbflow" / "runs").iterdir())
+
+
+def test_a_runs_kernel_pool_on_a_worker_goes_once_no_task_has_used_it_for_a_while(monkeypatch):
+    """Its driver may have been killed (no close() to release it): the fork server and warm fork do not stay."""
+    from nbflow.executors import dask as executor  # noqa: PLC0415
+
+    pools = executor._RunKernels
+    monkeypatch.setattr(pools, "IDLE_RELEASE_S", 0.2)
+    pools.start("run-x", True, None, None)  # as the executor's Client.run does when the run starts
+    kernels = pools.take("run-x", True, None, None)  # a task of the run
+    assert pools._runs["run-x"] is kernels and kernels.active == 1 and kernels._idle is None
+    pools.give_back("run-x", kernels)
+    assert kernels.closed.wait(60)  # released by its timer, from another thread: fork server and warm fork stopped
+    assert "run-x" not in pools._runs and kernels.loop.is_closed()

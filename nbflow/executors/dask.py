@@ -248,8 +248,11 @@ def run_on_worker(task: StepTask, notebook: str, topic: str) -> tuple[StepOutcom
     scratch = Path(tempfile.mkdtemp(prefix="nbflow-task-"))
     try:
         moved = _in_scratch(task, notebook, scratch, sees_pipeline)
-        kernels = _RunKernels.of(topic, task.use_forkserver, task.forkserver_off, worker)
-        outcome = _run(distributed, moved, events, topic, worker, kernels)
+        kernels = _RunKernels.take(topic, task.use_forkserver, task.forkserver_off, worker)
+        try:
+            outcome = _run(distributed, moved, events, topic, worker, kernels)
+        finally:
+            _RunKernels.give_back(topic, kernels)
         if not _worker_runs(worker):  # the worker closes (its scheduler is gone): no driver will release the pool
             _RunKernels.release(topic)
         files = {}
@@ -310,9 +313,11 @@ class _RunKernels:
     Its fork server boots once per run and worker, not once per step, and it keeps a warm fork per worker
     thread, so a step's kernel is ready when its task arrives. The driver releases it when the run ends
     (`DaskExecutor.close`); a worker that closes first releases it itself, and one that dies takes it along
-    (the fork server kills its kernels when the worker's end of its pipe closes).
+    (the fork server kills its kernels when the worker's end of its pipe closes). A pool that no task has
+    used for IDLE_RELEASE_S goes too: its driver may have been killed (a later task makes a new one).
     """
 
+    IDLE_RELEASE_S = 30.0
     _runs: dict[str, "_RunKernels"] = {}
     _lock = threading.Lock()
 
@@ -329,20 +334,59 @@ class _RunKernels:
             return pool
 
         self.pool = self.call(make()).result()
+        self.active = 0  # tasks running on it
+        self._idle: threading.Timer | None = None
+        self.closed = threading.Event()
 
     @classmethod
-    def of(cls, topic: str, use_forkserver: bool, forkserver_off: str | None, worker) -> "_RunKernels":
+    def start(cls, topic: str, use_forkserver: bool, forkserver_off: str | None, worker) -> None:
         with cls._lock:
-            if topic not in cls._runs:
-                cls._runs[topic] = cls(use_forkserver, forkserver_off, max(1, getattr(worker, "nthreads", 1)))
-            return cls._runs[topic]
+            cls._of(topic, use_forkserver, forkserver_off, worker)
 
     @classmethod
-    def release(cls, topic: str) -> None:
+    def take(cls, topic: str, use_forkserver: bool, forkserver_off: str | None, worker) -> "_RunKernels":
         with cls._lock:
-            kernels = cls._runs.pop(topic, None)
-        if kernels is not None:
-            kernels.close()
+            kernels = cls._of(topic, use_forkserver, forkserver_off, worker)
+            kernels.active += 1
+            kernels._disarm()
+            return kernels
+
+    @classmethod
+    def give_back(cls, topic: str, kernels: "_RunKernels") -> None:
+        with cls._lock:
+            kernels.active -= 1
+            if not kernels.active and cls._runs.get(topic) is kernels:
+                kernels._arm(topic)
+
+    @classmethod
+    def release(cls, topic: str, only: "_RunKernels | None" = None) -> None:
+        """Close the run's pool (`only`: if it is still that one and idle)."""
+        with cls._lock:
+            kernels = cls._runs.get(topic)
+            if kernels is None or only is not None and (kernels is not only or kernels.active):
+                return
+            del cls._runs[topic]
+            kernels._disarm()
+        kernels.close()
+
+    @classmethod
+    def _of(cls, topic: str, use_forkserver: bool, forkserver_off: str | None, worker) -> "_RunKernels":
+        """(Under the lock.) The run's pool, made if needed, to be released if unused."""
+        if topic not in cls._runs:
+            made = cls._runs[topic] = cls(use_forkserver, forkserver_off, max(1, getattr(worker, "nthreads", 1)))
+            made._arm(topic)
+        return cls._runs[topic]
+
+    def _arm(self, topic: str) -> None:
+        self._disarm()
+        self._idle = threading.Timer(self.IDLE_RELEASE_S, _RunKernels.release, args=(topic, self))
+        self._idle.daemon = True
+        self._idle.start()
+
+    def _disarm(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -358,12 +402,13 @@ class _RunKernels:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
             self.loop.close()
+            self.closed.set()
 
 
 async def _start_run_kernels(topic: str, use_forkserver: bool, forkserver_off: str | None,
                              dask_worker=None) -> None:
     """Run by the driver on every worker (`Client.run`) when the run starts."""
-    await asyncio.to_thread(_RunKernels.of, topic, use_forkserver, forkserver_off, dask_worker)
+    await asyncio.to_thread(_RunKernels.start, topic, use_forkserver, forkserver_off, dask_worker)
 
 
 async def _close_run_kernels(topic: str) -> None:
