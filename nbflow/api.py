@@ -244,7 +244,7 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
     executor (its kernels stay warm between cycles) and learns the graph and plan.
     """
     from . import audit  # noqa: PLC0415
-    from .execute import Runner, new_run_id  # noqa: PLC0415
+    from .layout import new_run_id  # noqa: PLC0415
     from .plan import make_plan  # noqa: PLC0415
     from .settings import resolve as resolve_settings  # noqa: PLC0415
     from .state import LedgerRecorder  # noqa: PLC0415
@@ -269,6 +269,9 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
             from .executors import make_executor  # noqa: PLC0415
 
             exe = cycle.executor(settings) if cycle is not None else make_executor(settings)
+        # imported once the executor exists: its fork server boots meanwhile (first thing, on a fast path)
+        from .execute import Runner  # noqa: PLC0415
+
         said = (call(graph.config.secrets) if callable(call)
                 else call or _api_call(pipeline, steps, parameters, choice, grid, graph.config.secrets))
         record = audit.collect(graph.root, said,

@@ -16,7 +16,6 @@ import heapq
 import logging
 import os
 import queue
-import secrets
 import signal
 import threading
 import time
@@ -29,7 +28,7 @@ from .grid import folded, partition
 from .events import (Event, Listener, RunFinished, RunResult, RunStarted, RunStatus, StepCancelled, StepFailed,
                      StepNotRun, StepResult, StepSkipped, StepStatus, StepSucceeded)
 from .executors import Executor, StepOutcome, StepTask
-from .layout import StateLayout
+from .layout import StateLayout, new_run_id
 from .imports import missing_module_hint
 from .params import jsonable
 from .plan import Plan, kernel_of
@@ -38,10 +37,6 @@ from .state import Ledger, assess, fingerprint
 from .state import redact as _redact
 
 log = logging.getLogger("nbflow")
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
 def _make_partition_folders(task: StepTask) -> None:

@@ -9,10 +9,17 @@ nbflow: every module may use it.
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 STATE_DIR = "_nbflow"
+
+
+def new_run_id() -> str:
+    """A run's id, which names its folder `runs/<run_id>/`: when it started, then 6 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
 @dataclass(frozen=True)
