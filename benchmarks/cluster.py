@@ -273,7 +273,7 @@ def status_of_folder_input(base: Path, url: str, runs: int) -> float:
     return statistics.median(times)
 
 
-# -- the run ------------------------------------------------------------------------------------------------------------
+# -- the run ----------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -185,17 +185,22 @@ class DaskExecutor:
                            now - started if started else 0.0, None, lost)
 
     def prestart(self, task: StepTask) -> None:
-        """Workers start their kernel when the task arrives (the fork server makes that fast)."""
+        """Each worker keeps a warm fork for the run from the start (`_start_run_kernels`): no hint is needed."""
 
     def cancel(self) -> None:
-        self.cancel_event.set()
+        if self._scheduler_lost():  # nothing to tell: the workers close, and stop their steps' kernels
+            return
+        try:
+            self.cancel_event.set()
+        except Exception:  # noqa: BLE001, S110 - lost just now: the same
+            pass
 
     def close(self) -> None:
         self._closing.set()
         if not self._scheduler_lost():  # else the relay's get has failed already, and a put would wait to connect
             try:
                 self._events.put(None)
-                self.client.run(_close_run_kernels, self.topic)  # each worker's pool of this run: fork server, warm fork
+                self.client.run(_close_run_kernels, self.topic)  # each worker's pool of the run: fork server, warm fork
             except Exception:  # noqa: BLE001, S110 - lost just now: the workers close, and their pools with them
                 pass
             self._relay.join(timeout=5)
