@@ -39,6 +39,11 @@ from .state import redact as _redact
 log = logging.getLogger("nbflow")
 
 
+# failures another attempt would meet the same way: no kernel for it, a worker that cannot see its files,
+# a cluster whose scheduler is gone
+_NOT_RETRIED = ("kernel_start", "not_here", "scheduler_lost")
+
+
 def _make_partition_folders(task: StepTask) -> None:
     """An instance's partition folders exist before it runs: nbflow chose them, the notebook did not."""
     for label, path in task.outputs:
@@ -264,7 +269,7 @@ class Runner:
                 error = replace(error, evalue=error.evalue + hint)
                 outcome = replace(outcome, error=error)
         will_retry = (outcome.attempt <= settings.retries and not self.cancelled
-                      and error.kind not in ("kernel_start", "not_here"))
+                      and error.kind not in _NOT_RETRIED)
         delay = settings.retry_delay * (2 ** (outcome.attempt - 1)) if will_retry else 0.0
         self.emit(StepFailed(name, outcome.attempt, outcome.duration_s, outcome.notebook, error,
                              will_retry, delay, jsonable(self.plan.parameters[name]), outcome.started_at))

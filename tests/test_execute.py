@@ -230,3 +230,60 @@ def test_more_ctrl_c_while_the_run_winds_down_still_records_it_cancelled(fixture
     finally:
         ledger.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@pytest.mark.parametrize("kind, attempts, told", [
+    ("exception", 3, "notebook: "),  # an ordinary failure: retried (retries: 2, so three attempts)
+    ("scheduler_lost", 1, "(its executed notebook stayed on the worker)"),  # another attempt meets the same
+    ("not_here", 1, None),  # no kernel ever ran: nothing to say about a notebook
+])
+def test_which_failures_are_retried_and_what_the_log_says_of_their_notebook(tmp_path, notebook_factory,
+                                                                            kind, attempts, told):
+    import concurrent.futures
+    import time
+
+    from nbflow.events import StepError, StepFailed
+    from nbflow.executors import StepOutcome
+    from nbflow.execute import Runner
+    from nbflow.graph import build_graph
+    from nbflow.plan import make_plan
+    from nbflow.settings import RunSettings
+    from nbflow.state import Ledger, LedgerRecorder
+    from nbflow.ui.log import describe
+
+    class Failing:
+        def submit(self, task, emit):
+            now = time.time()
+            emit(StepStarted(task.step, task.attempt, "", 1, now))
+            kept = "_nbflow/runs/x/a.ipynb" if kind == "exception" else None
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_result(StepOutcome(task.step, task.attempt, StepStatus.FAILED, now, 0.0, kept,
+                                          StepError(kind, "Lost", "it went")))
+            return future
+
+        def prestart(self, task):
+            pass
+
+        def cancel(self):
+            pass
+
+        def close(self):
+            pass
+
+    notebook_factory(tmp_path / "a.ipynb", 'outputs = {"o": "a.txt"}', "pass")
+    (tmp_path / "nbflow.yaml").write_text("steps:\n  a: {retries: 2, retry_delay: 0}\n")
+    graph = build_graph(tmp_path)
+    ledger = Ledger(graph.state_dir)
+    events: list = []
+    try:
+        plan = make_plan(graph, ledger)
+        settings = RunSettings(jobs=1, executor="local")
+        result = Runner(plan, ledger, Failing(), listeners=[events.append], recorder=LedgerRecorder(ledger),
+                        settings=settings).run()
+    finally:
+        ledger.close()
+    assert result.steps["a"].attempts == attempts
+    last = [e for e in events if isinstance(e, StepFailed)][-1]
+    line = describe(last)
+    assert line is not None and "it went" in line
+    assert (told in line) if told else line.endswith("it went")

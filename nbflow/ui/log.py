@@ -14,6 +14,11 @@ from ..events import (CellFinished, Event, RunFinished, RunStarted, StepCancelle
                       StepSkipped, StepStarted, StepSucceeded, WatchCycleFinished, WatchCycleStarted, WatchStopped)
 from .view import cycle_cause, cycle_outcome, format_duration, not_run_note
 
+# why a failed step has no executed notebook, when that is the nature of its failure
+_NO_NOTEBOOK = {"kernel_start": "", "not_here": "",  # no kernel ever ran its cells
+                "worker_lost": "\n    (its executed notebook was on the lost worker)",
+                "scheduler_lost": "\n    (its executed notebook stayed on the worker)"}
+
 
 def describe(event: Event) -> str | None:
     """One line for an event, or None for events too fine-grained for a log."""
@@ -31,8 +36,8 @@ def describe(event: Event) -> str | None:
     if isinstance(event, StepFailed):
         retry = f"; retry in {event.retry_in_s:g} s" if event.will_retry else ""
         where = f"\n    at: {event.error.source_line}" if event.error.source_line else ""
-        kept = (f"\n    notebook: {event.notebook}" if event.notebook
-                else "\n    (the executed notebook could not be saved)")
+        kept = f"\n    notebook: {event.notebook}" if event.notebook else _NO_NOTEBOOK.get(
+            event.error.kind, "\n    (the executed notebook could not be saved)")
         return (f"{event.step}: FAILED after {format_duration(event.duration_s)}: {event.error.summary()}{retry}"
                 f"{where}{kept}")
     if isinstance(event, StepCancelled):
