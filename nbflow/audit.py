@@ -96,12 +96,12 @@ def _user() -> str:
 def command_line(secrets: Iterable[str] = ()) -> str:
     """How this process was started, as the user typed it (`nbflow run notebooks -p x=1`), with the value of
     every secret parameter (named like one, or in `secrets`) given with `-p`/`--parameter` replaced by ***."""
-    from .params import is_secret_parameter  # noqa: PLC0415
+    from .params import is_secret_parameter, split_assignment  # noqa: PLC0415
     from .state import REDACTED  # noqa: PLC0415
 
     def redacted(assignment: str) -> str:
-        name, equals, _ = assignment.partition("=")
-        return f"{name}={REDACTED}" if equals and is_secret_parameter(name.strip(), secrets) else assignment
+        name, value = split_assignment(assignment)
+        return f"{name}={REDACTED}" if value is not None and is_secret_parameter(name, secrets) else assignment
 
     args = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"]
     given = iter(sys.argv[1:])

@@ -141,13 +141,19 @@ def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, CliValue]
     """
     result: dict[str, CliValue] = {}
     for item in items:
-        start = item.find("]") + 1 if "[" in item.partition("=")[0] else 0  # past an instance name's own `=`
-        name, sep, value = item[start:].partition("=")
-        name = item[:start] + name
-        if not sep or not name.strip():
+        name, value = split_assignment(item)
+        if value is None or not name:
             raise ValueError(f"-p {item!r}: expected NAME=VALUE or STEP.NAME=VALUE")
-        result[name.strip()] = CliValue(value)
+        result[name] = CliValue(value)
     return result
+
+
+def split_assignment(item: str) -> tuple[str, str | None]:
+    """`-p`'s `[STEP.]NAME=VALUE` -> (name, value), value None without an `=`; a grid instance's name has `=`
+    of its own (`train[alpha=0.1].folds=3`). The one split of an assignment: parsing and redacting agree."""
+    start = item.find("]") + 1 if "[" in item.partition("=")[0] else 0  # past an instance name's own `=`
+    name, sep, value = item[start:].partition("=")
+    return (item[:start] + name).strip(), (value if sep else None)
 
 
 _TRUE = {"true", "yes", "on", "1"}

@@ -126,3 +126,20 @@ def test_a_0_1_ledger_gains_the_audit_column(tmp_path):
         assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         ledger.close()
+
+
+def test_the_recorded_command_line_has_every_secret_value_as_stars(monkeypatch):
+    import shlex
+
+    from nbflow.audit import command_line
+
+    monkeypatch.setattr(sys, "argv", [
+        "/venv/bin/nbflow", "run", "p", "-p", "train[alpha=0.1].api_token=S1", "-ptotal.delay=S2",
+        "--parameter=db.password=S3", "--parameter", "delay=S4", "-p", "x=1", "-p", "train[alpha=0.1].x=2",
+        "-p", "name with space=y z", "-p"])
+    line = command_line(secrets=("delay",))
+    assert not any(secret in line for secret in ("S1", "S2", "S3", "S4"))
+    assert shlex.split(line) == [
+        "nbflow", "run", "p", "-p", "train[alpha=0.1].api_token=***", "-ptotal.delay=***",
+        "--parameter=db.password=***", "--parameter", "delay=***", "-p", "x=1", "-p", "train[alpha=0.1].x=2",
+        "-p", "name with space=y z", "-p"]
