@@ -199,6 +199,9 @@ class DaskExecutor:
         self._closing.set()
         if not self._scheduler_lost():  # else the relay's get has failed already, and a put would wait to connect
             try:
+                # every step has ended: wakes the workers' watchers still waiting on the event (for up to 0.5 s),
+                # whose wait the scheduler would else log as a cancelled-task traceback when the cluster closes
+                self.cancel_event.set()
                 self._events.put(None)
                 self.client.run(_close_run_kernels, self.topic)  # each worker's pool of the run: fork server, warm fork
             except Exception:  # noqa: BLE001, S110 - lost just now: the workers close, and their pools with them
