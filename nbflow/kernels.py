@@ -359,7 +359,7 @@ class KernelPool:
         acquired from this pool and not stopped yet does not outlive the pool either.
         """
         self._closed = True
-        if self._stopping:
+        while self._stopping:  # a step that ends meanwhile adds its kernel's stop: waited for too
             await asyncio.wait(list(self._stopping.values()))
         prestarted, self._prestarted = self._prestarted, {}
         warm, self._warm = self._warm, []

@@ -261,8 +261,8 @@ def run_on_worker(task: StepTask, notebook: str, topic: str) -> tuple[StepOutcom
             outcome = _run(distributed, moved, events, topic, worker, kernels)
         finally:
             _RunKernels.give_back(topic, kernels)
-        if not _worker_runs(worker):  # the worker closes (its scheduler is gone): no driver will release the pool
-            _RunKernels.release(topic)
+        if not _worker_runs(worker):  # the worker closes (its scheduler is gone): no driver will release the pool;
+            _RunKernels.release(topic, kernels)  # the last of its tasks to end does (the others still use it)
         files = {}
         for path in (moved.executed, moved.latest, moved.attempt_copy):
             if os.path.isfile(path):
