@@ -327,7 +327,8 @@ class Runner:
         env = {**stores.fsspec_env(graph.config.storage), **self.plan.env.get(name, {}),
                "NBFLOW_VALUES_DIR": str(layout.values_dir),
                "NBFLOW_PYTHONPATH": os.pathsep.join(str(p) for p in graph.python_path()),
-               "NBFLOW_RUN_ID": self.run_id, "NBFLOW_STEP": name, "NBFLOW_PIPELINE": str(graph.root)}
+               "NBFLOW_RUN_ID": self.run_id, "NBFLOW_STEP": name, "NBFLOW_PIPELINE": str(graph.root),
+               "NBFLOW_ATTEMPT": str(attempt)}
         if step.grid:  # nbflow.glue in an instance publishes under its partition folders
             env["NBFLOW_GRID_PARTITION"] = partition(step.grid)
         return StepTask(

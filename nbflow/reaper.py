@@ -3,7 +3,7 @@
 Owns
 - finding the processes whose environment holds given variables, and killing
   them (:func:`kill_processes`): every kernel and what it starts inherit
-  NBFLOW_RUN_ID, NBFLOW_STEP and NBFLOW_PIPELINE, so the end of a step (and,
+  NBFLOW_RUN_ID, NBFLOW_STEP, NBFLOW_PIPELINE and NBFLOW_ATTEMPT, so the end of an attempt (and,
   after nbflow itself was killed, the next run) finds by them what a step left
   running, even a process that left the kernel's process group or session;
 - private folders in the temp folder (:func:`private_folder`), each held by

@@ -287,3 +287,22 @@ def test_which_failures_are_retried_and_what_the_log_says_of_their_notebook(tmp_
     line = describe(last)
     assert line is not None and "it went" in line
     assert (told in line) if told else line.endswith("it went")
+
+
+def test_each_attempt_carries_its_number_and_what_it_started_is_reaped_by_it(tmp_path, notebook_factory):
+    """A retry's kernel carries NBFLOW_ATTEMPT=2: the reaping of attempt 1 (by run, step, pipeline and attempt,
+    in the background once its outcome is in) can never kill it, even on another dask worker of the machine."""
+    import psutil
+
+    notebook_factory(tmp_path / "a.ipynb", 'outputs = {"o": "a.txt"}',
+                     "import os, subprocess\nn = os.environ['NBFLOW_ATTEMPT']\n"
+                     "p = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+                     "open(f'sleeper-{n}.pid', 'w').write(str(p.pid))\n"
+                     "if n == '1':\n    raise RuntimeError('first attempt fails')\n"
+                     "open(outputs['o'], 'w').write(n)")
+    (tmp_path / "nbflow.yaml").write_text("steps:\n  a: {retries: 1, retry_delay: 0}\n")
+    result = nbflow.run(tmp_path, display=False)
+    assert result.ok and result.steps["a"].attempts == 2 and (tmp_path / "a.txt").read_text() == "2"
+    for n in ("1", "2"):  # each attempt's detached child went with its attempt
+        pid = int((tmp_path / f"sleeper-{n}.pid").read_text())
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ARROW = re.compile(r"^-+>\s*(\d+)", re.MULTILINE)
 # The variables every kernel of a step attempt and whatever it starts inherit (set by the Runner).
-_STEP_IDENTITY = ("NBFLOW_RUN_ID", "NBFLOW_STEP", "NBFLOW_PIPELINE")
+# what an attempt's kernel and everything it starts carry; the attempt too, so that reaping one attempt (in the
+# background, once its outcome is in) never touches the next, which a dask retry may run on another worker
+_STEP_IDENTITY = ("NBFLOW_RUN_ID", "NBFLOW_STEP", "NBFLOW_PIPELINE", "NBFLOW_ATTEMPT")
 _SECRET_PREFIX = "NBFLOW_SECRET_"
 # Shorter secret values are not masked: masking "1" or "eu" would garble every message.
 _MIN_SECRET_LENGTH = 4
@@ -266,7 +268,7 @@ async def _stop_and_reap(kernel: StartedKernel, env: dict[str, str]) -> None:
 
     A child in its own session (`start_new_session=True`, `setsid`, a daemon
     that double-forks) survives the kernel's process group; it still carries the
-    step's NBFLOW_RUN_ID, NBFLOW_STEP and NBFLOW_PIPELINE. The scan reads every
+    attempt's NBFLOW_RUN_ID, NBFLOW_STEP, NBFLOW_PIPELINE and NBFLOW_ATTEMPT. The scan reads every
     process's environment (~0.2 ms for 80 processes, ~9 ms for 1,000), so it
     runs off the event loop, which drives the other steps' cells meanwhile.
     """
