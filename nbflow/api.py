@@ -259,7 +259,9 @@ def run(pipeline: str | os.PathLike = ".", steps: Iterable[str] | str = (), *,
         settings = resolve_settings(graph.config, jobs=jobs, executor=executor, dask_address=dask_address,
                                     fail_fast=fail_fast)
         display = _in_jupyter() if display is None else display
-        widget = _widget(graph, plan) if display else None
+        options = {"grid": grid, "executor": executor, "dask_address": dask_address, "jobs": jobs,
+                   "fail_fast": fail_fast}
+        widget = _widget(graph, plan, {k: v for k, v in options.items() if v}) if display else None
         all_listeners = ([widget] if widget else []) + list(listeners) + _alert_hooks(graph)
         all_listeners += _lineage_listener(graph)
         if cycle is not None:
@@ -375,10 +377,10 @@ def _take_pipeline(graph: Graph, run_id: str) -> tuple["RunLock", "Ledger"]:
     return lock, ledger
 
 
-def _widget(graph: Graph, plan: Any) -> Any:
+def _widget(graph: Graph, plan: Any, options: dict[str, Any]) -> Any:
     from .ui.widget import RunWidget  # noqa: PLC0415
 
-    widget = RunWidget(graph, plan)
+    widget = RunWidget(graph, plan, options=options)
     widget.show()
     return widget
 

@@ -42,14 +42,14 @@ def pipeline(fixture_pipeline, tmp_path, monkeypatch):
     return fixture_pipeline("widget_step_raises")
 
 
-def make_widget(root: Path, parameters: dict | None = None) -> RunWidget:
+def make_widget(root: Path, parameters: dict | None = None, options: dict | None = None) -> RunWidget:
     graph = build_graph(root)
     ledger = Ledger(graph.state_dir)
     try:
         plan = make_plan(graph, ledger, (), parameters)
     finally:
         ledger.close()
-    return RunWidget(graph, plan)
+    return RunWidget(graph, plan, options=options)
 
 
 def notebook(step: str) -> str:
@@ -736,7 +736,7 @@ def test_a_run_that_ends_well_closes_its_model(pipeline, monkeypatch):
     assert "data-nbflow-rerun" not in w.static_html() and "rerun failed" not in w.static_html()
 
 
-def failed_run_shown(pipeline, monkeypatch, parameters=None) -> tuple[RunWidget, list]:
+def failed_run_shown(pipeline, monkeypatch, parameters=None, options=None) -> tuple[RunWidget, list]:
     """A widget shown in a (fake) output whose run failed in `total`; the list collects what the output shows."""
     shown: list = []
 
@@ -749,7 +749,7 @@ def failed_run_shown(pipeline, monkeypatch, parameters=None) -> tuple[RunWidget,
         return Handle()
 
     monkeypatch.setattr("IPython.display.display", display)
-    w = make_widget(pipeline, parameters)
+    w = make_widget(pipeline, parameters, options)
     monkeypatch.setattr(w.model, "close", lambda: shown.append("closed"))
     w.show()
     t0 = time.time()
@@ -793,6 +793,19 @@ def test_rerun_failed_makes_the_call_it_shows_in_the_background_and_shows_it_in_
     assert '<div class="nbflow-earlier"><details class="nbflow-run" data-key="' + RUN + '/run"' in earlier
     assert "ValueError: the numbers add up to 55, not 54" in earlier and "rerun below" in earlier
     assert "data-nbflow-rerun" not in earlier and "pending" in current
+
+
+def test_rerun_failed_keeps_the_runs_executor_and_options(pipeline, monkeypatch):
+    """A run on a cluster is rerun on it, with its -j and --fail-fast (and a grid= it was given)."""
+    options = {"executor": "dask", "dask_address": "tcp://10.0.0.5:8786", "jobs": 4, "fail_fast": True}
+    w, _ = failed_run_shown(pipeline, monkeypatch, options=options)
+    assert w.rerun_call(masked=False) == ((str(w.root), ["total", "report"]), options)
+    assert ("nbflow.run(&#x27;widget_step_raises&#x27;, [&#x27;total&#x27;, &#x27;report&#x27;], executor=&#x27;dask"
+            "&#x27;, dask_address=&#x27;tcp://10.0.0.5:8786&#x27;, jobs=4, fail_fast=True)") in w.static_html()
+    calls = []
+    monkeypatch.setattr(nbflow, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
+    w._on_message(w.model, {"rerun": True}, [])
+    assert calls == [((str(w.root), ["total", "report"]), {**options, "background": True})]
 
 
 def test_a_rerun_that_cannot_start_says_why_in_place(pipeline, monkeypatch):

@@ -101,15 +101,17 @@ class RunModel(anywidget.AnyWidget):
 class RunWidget:
     """The live view of one run: `show()` it, pass it to the Runner as a listener, `attach(cancel, ...)`."""
 
-    def __init__(self, graph: "Graph", plan: "Plan", model: Any = None):
+    def __init__(self, graph: "Graph", plan: "Plan", model: Any = None, options: "dict[str, Any] | None" = None):
         """`model`: where to put the HTML instead of a RunModel of its own (a watch's widget shows each cycle's
-        run inside its own frame)."""
+        run inside its own frame). `options`: the run's other `nbflow.run` options (grid=, executor=,
+        dask_address=, jobs=, fail_fast=), which a rerun of its failed steps gets too."""
         self.graph = graph
         self.root = Path(graph.root)
         self.notebook_dir = _notebook_dir()  # links are relative to the notebook calling nbflow.run
         self.view = RunView(plan.steps, {p.name: graph.config.for_step(p.name).retries + 1 for p in plan.steps},
                             graph=graph, parameters=plan.parameters)
         self.overrides = dict(plan.overrides)  # the parameters the run was given: a rerun gets them too
+        self.options = dict(options or {})
         self.earlier = ""  # the record of the run(s) this one reruns, shown above it
         self.rerun_token = secrets.token_hex(8)  # names this run's Rerun button to the front end
         self.rerun_started = False
@@ -228,7 +230,8 @@ class RunWidget:
 
     def rerun_call(self, masked: bool = True) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The `nbflow.run` call that reruns the failed steps and what depends on them, with this run's
-        parameters: (args, kwargs). `masked`: as shown, secrets as ***; else as made."""
+        parameters and options (a grid, the executor): (args, kwargs). `masked`: as shown, secrets as ***;
+        else as made."""
         args: tuple[Any, ...] = (self._pipeline_as_named() if masked else str(self.root), self.view.to_rerun())
         parameters = self.overrides
         if masked and parameters:
@@ -237,7 +240,7 @@ class RunWidget:
             secret = tuple(getattr(self.graph.config, "secrets", ()) or ())
             parameters = {key: MASK if is_secret_parameter(key, secret) else value
                           for key, value in parameters.items()}
-        return args, ({"parameters": parameters} if parameters else {})
+        return args, ({"parameters": parameters} if parameters else {}) | self.options
 
     def rerun(self) -> None:
         """What the Rerun button does: that call, in the background, its widget in this run's output."""
