@@ -119,6 +119,16 @@ function render({ model, el }) {
     const key = event.target.getAttribute && event.target.getAttribute("data-key");
     if (key) opened.set(key, event.target.open);
   }, true);
+  // The click that folds or unfolds is recorded too: its "toggle" event comes later, as a task of its own, and
+  // an update waiting for the click (below) may have replaced the element by then, out of this listener's reach.
+  root.addEventListener("click", (event) => {
+    if (event.defaultPrevented || !event.target.closest) return; // the Cancel button in a summary: no folding
+    const summary = event.target.closest("summary");
+    if (!summary || event.target.closest("a, button, input, select, textarea")) return;
+    const details = summary.parentElement;
+    const key = details && details.tagName === "DETAILS" && details.getAttribute("data-key");
+    if (key && root.contains(details)) opened.set(key, !details.open);
+  });
 
   function linkFiles(container) {
     if (!server) return;
@@ -192,7 +202,30 @@ function render({ model, el }) {
     });
   });
 
+  // A click is a press and a release on the same element: a body that came in between would replace that
+  // element (the elapsed time changes every second, a running step's output more often) and the click would
+  // be lost. So an update waits while a button is held inside the widget, and comes right after the click.
+  // (Listened to on the window, first on every event's way: JupyterLab handles presses in notebooks itself.)
+  let held = false;
+  let waiting = false;
+  const press = (event) => {
+    if (root.contains(event.target)) held = true;
+  };
+  const release = () => {
+    if (!held) return;
+    held = false;
+    if (waiting) setTimeout(update, 0); // after the click this release makes has been handled
+  };
+  window.addEventListener("pointerdown", press, true);
+  window.addEventListener("pointerup", release, true);
+  window.addEventListener("pointercancel", release, true);
+
   function update() {
+    if (held) {
+      waiting = true;
+      return;
+    }
+    waiting = false;
     const scroll = root.querySelector(":scope > details.nbflow-run .nbflow-rows");
     const top = scroll ? scroll.scrollTop : 0;
     root.innerHTML = model.get("body");
@@ -233,6 +266,9 @@ function render({ model, el }) {
   updateGraph();
   update();
   return () => {
+    window.removeEventListener("pointerdown", press, true);
+    window.removeEventListener("pointerup", release, true);
+    window.removeEventListener("pointercancel", release, true);
     model.off("change:body", update);
     model.off("change:graph", updateGraph);
     model.off("change:controls", showButton);

@@ -653,8 +653,15 @@ def test_cancel_button_stops_a_background_run_while_another_cell_waits(lab: Lab,
     expect(cells.nth(1).locator(".jp-InputArea-prompt")).to_have_text("[*]:")  # the kernel is busy
     expect(panel.locator(".nbflow-widget")).to_have_count(1)  # still the live widget
 
-    # folded to its summary line, it stays folded while the run updates it; Cancel stays within reach
-    view.locator("summary.nbflow-header .nbflow-title").click()
+    # folded to its summary line, it stays folded while the run updates it; Cancel stays within reach. The
+    # click is held longer than the updates' interval (the elapsed time changes every second): an update
+    # replacing the summary between press and release lost such clicks; it now waits for the release
+    title = view.locator("summary.nbflow-header .nbflow-title").bounding_box()
+    assert title is not None
+    page.mouse.move(title["x"] + 5, title["y"] + title["height"] / 2)
+    page.mouse.down()
+    page.wait_for_timeout(1_500)
+    page.mouse.up()
     expect(row(panel, "total")).to_be_hidden()
     before = view.locator(".nbflow-totals").inner_text()
     expect(view.locator(".nbflow-totals")).not_to_have_text(before, timeout=5_000)  # updated meanwhile
