@@ -251,7 +251,9 @@ def test_which_failures_are_retried_and_what_the_log_says_of_their_notebook(tmp_
     from nbflow.state import Ledger, LedgerRecorder
     from nbflow.ui.log import describe
 
-    class Failing:
+    from test_properties import TinyExecutor
+
+    class Failing(TinyExecutor):
         def submit(self, task, emit):
             now = time.time()
             emit(StepStarted(task.step, task.attempt, "", 1, now))
@@ -260,15 +262,6 @@ def test_which_failures_are_retried_and_what_the_log_says_of_their_notebook(tmp_
             future.set_result(StepOutcome(task.step, task.attempt, StepStatus.FAILED, now, 0.0, kept,
                                           StepError(kind, "Lost", "it went")))
             return future
-
-        def prestart(self, task):
-            pass
-
-        def cancel(self):
-            pass
-
-        def close(self):
-            pass
 
     notebook_factory(tmp_path / "a.ipynb", 'outputs = {"o": "a.txt"}', "pass")
     (tmp_path / "nbflow.yaml").write_text("steps:\n  a: {retries: 2, retry_delay: 0}\n")
